@@ -1,0 +1,136 @@
+"""Model configuration read straight from an HF ``config.json``.
+
+We parse the JSON ourselves instead of importing ``transformers.AutoConfig`` because every rank reads
+it at start-up and importing transformers costs seconds per process; the defaults below are the ones
+transformers applies for the Llama family (Llama 2/3/3.1, Mistral, Qwen2).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ShardwiseError
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the layout, the model code and the generator need to know about a model."""
+
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    hidden_act: str
+    torch_dtype: str
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def tied_sources(self) -> dict[str, str]:
+        """Parameters that have no tensor of their own in the checkpoint, and the tensor they reuse."""
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.tie_word_embeddings else {}
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    archs = raw.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        name = archs[0] if archs else raw.get("model_type", "unknown")
+        raise ShardwiseError(
+            f"unsupported architecture {name!r}; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    hidden = int(raw["hidden_size"])
+    heads = int(raw["num_attention_heads"])
+    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise ShardwiseError(f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+    # transformers 5 moved rope_theta/rope_scaling into one `rope_parameters` dict; accept both forms.
+    rope_params = dict(raw.get("rope_parameters") or {})
+    rope_theta = float(rope_params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    scaling = raw.get("rope_scaling") or {k: v for k, v in rope_params.items() if k != "rope_theta"}
+    if scaling:
+        scaling = dict(scaling)
+        scaling.setdefault("rope_type", scaling.get("type", "default"))
+        if scaling["rope_type"] == "default":
+            scaling = None
+    is_qwen2 = arch == "Qwen2ForCausalLM"
+    sliding = raw.get("sliding_window")
+    if is_qwen2 and not raw.get("use_sliding_window", False):
+        sliding = None
+    return ModelConfig(
+        architecture=arch,
+        family=SUPPORTED_ARCHITECTURES[arch],
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(raw["intermediate_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=int(raw.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=scaling or None,
+        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=True if is_qwen2 else bool(raw.get("attention_bias", False)),
+        o_bias=False if is_qwen2 else bool(raw.get("attention_bias", False)),
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+        sliding_window=int(sliding) if sliding else None,
+        hidden_act=str(raw.get("hidden_act", "silu")),
+        torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=_eos_ids(raw.get("eos_token_id")),
+        pad_token_id=raw.get("pad_token_id"),
+        raw=raw,
+    )
+
+
+def load_config(model_path: str | Path) -> ModelConfig:
+    """Read ``config.json`` from a checkpoint directory (or a path to the JSON file itself)."""
+    path = Path(model_path)
+    cfg_file = path if path.is_file() else path / "config.json"
+    if not path.exists():
+        raise ShardwiseError(f"model path {str(path)!r} does not exist")
+    if not cfg_file.is_file():
+        raise ShardwiseError(f"{str(path)!r} is not a Hugging Face checkpoint: no config.json in it")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardwiseError(f"{cfg_file} is not valid JSON: {exc}") from None
+    try:
+        return config_from_dict(raw)
+    except KeyError as exc:
+        raise ShardwiseError(f"{cfg_file} lacks the field {exc.args[0]!r}") from None

@@ -1,0 +1,110 @@
+"""Inside one rank: compute the layout, read this rank's shard, and build the parallel model.
+
+This is the Python API for code that already runs on every rank (e.g. under torchrun)::
+
+    model = shardwise.load_sharded("path/to/checkpoint")        # rank/world from torch.distributed
+    out = shardwise.generate(model.model, [[1, 2, 3]], 32, pad_token_id=0, eos_token_ids=(2,),
+                             comm=model.comm)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPE_NAMES, CheckpointSource
+from .config import ModelConfig, load_config
+from .errors import ShardwiseError
+from .layout import Layout, compute_layout
+from .loader import LoadStats, load_rank_state
+from .mesh import Mesh
+from .models.llama import LlamaForCausalLM
+from .parallel.comm import Collectives
+from .parallelize import assign_state, parallelize
+from .plan import Plan, resolve_plan
+
+log = logging.getLogger("shardwise")
+
+TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype, config: ModelConfig) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        name = config.torch_dtype
+    if name not in TORCH_DTYPES:
+        raise ShardwiseError(f"--torch-dtype {name!r} is not one of auto, {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
+
+
+def model_layout(model_path: str | Path, tp_degree: int, plan: Plan | None = None,
+                 config: ModelConfig | None = None, source: CheckpointSource | None = None) -> Layout:
+    """The layout for a checkpoint at a TP degree: headers and config only, no weights read."""
+    config = config or load_config(model_path)
+    source = source or CheckpointSource(model_path)
+    check_tp_degree(config, tp_degree)
+    return compute_layout(source.shapes(), config, plan or resolve_plan(config.family), Mesh.tensor_parallel(tp_degree))
+
+
+def check_tp_degree(config: ModelConfig, tp_degree: int) -> None:
+    if tp_degree < 1:
+        raise ShardwiseError(f"--tp-degree must be at least 1, got {tp_degree}")
+    limit = config.num_heads
+    if tp_degree > limit:
+        raise ShardwiseError(
+            f"--tp-degree {tp_degree} exceeds the model's {limit} attention heads: some ranks would hold only padding"
+        )
+
+
+@dataclass
+class ShardedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    layout: Layout
+    rank: int
+    comm: Collectives
+    stats: LoadStats
+    dtype: torch.dtype
+
+
+def load_sharded(
+    model_path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    plan: Plan | None = None,
+    comm: Collectives | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    read_threads: int = 4,
+) -> ShardedModel:
+    """Load this rank's shard of ``model_path`` and return the tensor-parallel model, ready to run."""
+    comm = comm or Collectives()
+    config = load_config(model_path)
+    torch_dtype = resolve_dtype(dtype, config)
+    source = CheckpointSource(model_path)
+    layout = model_layout(model_path, comm.world_size, plan, config, source)
+    if comm.rank == 0:
+        log.info("Sharding weights for ranks: 0...%d", comm.world_size - 1)
+    state, stats = load_rank_state(source, layout, comm.rank, torch_dtype, read_threads, progress)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    parallelize(model, layout, comm.rank, comm)
+    assign_state(model, state)
+    model.to(device)
+    model.eval()
+    return ShardedModel(model, config, layout, comm.rank, comm, stats, torch_dtype)
+
+
+def describe_dtype(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype))
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start

@@ -1,0 +1,141 @@
+"""Batched generation with a preallocated KV cache: greedy, top-k, top-p and temperature.
+
+Prompts of different lengths are left-padded so every row writes the same cache slot each step;
+padded keys are masked and positions count only real tokens, which is what HF transformers does, so
+outputs match it token for token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .models.llama import KVCache
+from .parallel.comm import Collectives
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """``top_k == 1`` or ``temperature == 0`` means greedy (NxD's convention)."""
+
+    top_k: int = 1
+    top_p: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature == 0
+
+
+@dataclass
+class Generated:
+    tokens: list[list[int]]  # new tokens per prompt, up to and including the first EOS
+    prefill_seconds: float
+    decode_seconds: float
+    prompt_tokens: int
+    decode_steps: int
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # [batch, vocab] per step, if kept
+    cache_bytes: int = 0
+
+
+def sample(logits: torch.Tensor, cfg: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    if cfg.greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 1:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
+def _mask(key_valid: torch.Tensor, key_pos: torch.Tensor, q_slots: torch.Tensor, q_pos: torch.Tensor,
+          window: int | None) -> torch.Tensor:
+    """Boolean attention mask [batch, 1, queries, keys]: causal, padding-aware, optional sliding window."""
+    slots = torch.arange(key_valid.shape[1])
+    allowed = (slots[None, None, :] <= q_slots[None, :, None]) & key_valid[:, None, :]
+    if window is not None:
+        allowed &= (q_pos[:, :, None] - key_pos[:, None, :]) < window
+    # A padding query would otherwise see no key at all (NaN rows); let it see itself.
+    allowed |= slots[None, None, :] == q_slots[None, :, None]
+    return allowed.unsqueeze(1)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_ids: tuple[int, ...],
+    sampling: Sampling = Sampling(),
+    comm: Collectives | None = None,
+    keep_logits: bool = False,
+    device: torch.device | str = "cpu",
+) -> Generated:
+    comm = comm or Collectives()
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + max_new_tokens
+    ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
+    key_valid = torch.zeros(batch, total, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        key_valid[i, longest - len(p):longest] = True
+    key_pos = torch.zeros(batch, total, dtype=torch.long)
+    key_pos[:, :longest] = (key_valid[:, :longest].cumsum(1) - 1).clamp(min=0)
+    window = model.config.sliding_window
+    cache = KVCache(model.config.num_layers, total)
+    model.init_rope(total, device)
+    gen = torch.Generator().manual_seed(sampling.seed)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    t0 = time.perf_counter()
+    positions = key_pos[:, :longest]
+    mask = _mask(key_valid[:, :longest], positions, torch.arange(longest), positions, window)
+    logits = model(ids.to(device), positions.to(device), mask.to(device), cache, 0)[:, -1].float()
+    tokens = _choose(logits.cpu(), sampling, gen, comm)
+    sync()
+    t1 = time.perf_counter()
+
+    out = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool)
+    kept = [logits.cpu()] if keep_logits else []
+    next_pos = key_pos[:, longest - 1] + 1
+    steps = 0
+    for step in range(max_new_tokens):
+        for i in range(batch):
+            if not done[i]:
+                out[i].append(int(tokens[i]))
+        done |= torch.isin(tokens, torch.tensor(eos_token_ids or (-1,)))
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        slot = longest + step
+        key_valid[:, slot] = True
+        key_pos[:, slot] = next_pos
+        mask = _mask(key_valid[:, : slot + 1], key_pos[:, : slot + 1], torch.tensor([slot]), next_pos[:, None], window)
+        logits = model(tokens[:, None].to(device), next_pos[:, None].to(device), mask.to(device), cache, slot)
+        logits = logits[:, -1].float()
+        tokens = _choose(logits.cpu(), sampling, gen, comm)
+        if keep_logits:
+            kept.append(logits.cpu())
+        next_pos = next_pos + 1
+        steps += 1
+    sync()
+    t2 = time.perf_counter()
+    prompt_tokens = sum(len(p) for p in prompts)
+    return Generated(out, t1 - t0, t2 - t1, prompt_tokens, steps, kept, cache.nbytes)
+
+
+def _choose(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator, comm: Collectives) -> torch.Tensor:
+    tokens = sample(logits, sampling, gen)
+    if not sampling.greedy:
+        # Ranks hold identical logits, but one draw broadcast from rank 0 makes agreement certain.
+        comm.broadcast(tokens)
+    return tokens

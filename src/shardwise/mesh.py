@@ -1,0 +1,50 @@
+"""The device mesh: named axes with sizes, and each rank's coordinate on them.
+
+Ranks are laid out row-major over the axes (the last axis varies fastest), the same convention as
+``torch.distributed.device_mesh.DeviceMesh``, so a mesh built here maps one-to-one onto a DeviceMesh.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import ShardwiseError
+
+
+@dataclass(frozen=True)
+class Mesh:
+    axis_names: tuple[str, ...]
+    axis_sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.axis_names) != len(self.axis_sizes):
+            raise ShardwiseError("mesh: every axis needs exactly one size")
+        if len(set(self.axis_names)) != len(self.axis_names):
+            raise ShardwiseError(f"mesh: axis names repeat: {list(self.axis_names)}")
+        for name, size in zip(self.axis_names, self.axis_sizes):
+            if size < 1:
+                raise ShardwiseError(f"mesh: axis {name!r} has size {size}; it must be at least 1")
+
+    @classmethod
+    def tensor_parallel(cls, tp_degree: int) -> Mesh:
+        return cls(("tensor",), (int(tp_degree),))
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.axis_sizes)
+
+    def size(self, axis: str) -> int:
+        return self.axis_sizes[self._index(axis)]
+
+    def coordinate(self, rank: int, axis: str) -> int:
+        """Position of ``rank`` along ``axis``."""
+        idx = self._index(axis)
+        stride = math.prod(self.axis_sizes[idx + 1 :])
+        return (rank // stride) % self.axis_sizes[idx]
+
+    def _index(self, axis: str) -> int:
+        try:
+            return self.axis_names.index(axis)
+        except ValueError:
+            raise ShardwiseError(f"mesh has no axis {axis!r}; its axes are {list(self.axis_names)}") from None

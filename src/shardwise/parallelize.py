@@ -1,0 +1,78 @@
+"""Make single-device model code tensor-parallel by swapping modules as the layout says.
+
+A linear whose weight is split by rows becomes a ``ColumnParallelLinear``; split by columns, a
+``RowParallelLinear``; an embedding split either way, a ``ParallelEmbedding``. A column-parallel
+module whose output the plan marks replicated (``lm_head: [null, null, null]``) gathers its output.
+Modules are rebuilt on the meta device, so no memory is touched until the loaded shard is assigned.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ShardwiseError
+from .layout import Layout, TensorLayout
+from .parallel.comm import Collectives
+from .parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from .plan import Rule
+
+
+def _output_replicated(layout: Layout, module_name: str) -> bool:
+    for pattern, spec in layout.activations.items():
+        if Rule(pattern, spec).regex.match(module_name):
+            return all(e is None for e in spec)
+    return False
+
+
+def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, rank: int, comm: Collectives):
+    shard = t.shards[rank]
+    bias = module.bias is not None
+    if t.split_dims == (0,):
+        gather = _output_replicated(layout, name)
+        return ColumnParallelLinear(
+            module.in_features, module.out_features, bias=bias, gather_output=gather, comm=comm,
+            local_out_features=shard.local_shape[0],
+            gather_index=layout.gather_index(t.name, 0) if gather else None, device="meta",
+        )
+    if t.split_dims == (1,):
+        return RowParallelLinear(
+            module.in_features, module.out_features, bias=bias, input_is_parallel=True, comm=comm,
+            local_in_features=shard.local_shape[1], device="meta",
+        )
+    raise ShardwiseError(f"{name}: splitting a linear weight along dims {t.split_dims} is not supported")
+
+
+def parallelize(model: nn.Module, layout: Layout, rank: int, comm: Collectives) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        t = layout.tensors.get(f"{name}.weight")
+        if t is None or t.replicated:
+            continue
+        if isinstance(module, nn.Linear):
+            new = _swap_linear(name, module, t, layout, rank, comm)
+        elif isinstance(module, nn.Embedding):
+            shard = t.shards[rank]
+            if t.split_dims == (0,):
+                real = [s for s in shard.dims[0] if s.start is not None]
+                rows = (real[0].start, real[0].start + real[0].length) if real else (0, 0)
+                new = ParallelEmbedding(module.num_embeddings, module.embedding_dim, comm, 0, rows,
+                                        shard.local_shape[0], device="meta")
+            elif t.split_dims == (1,):
+                new = ParallelEmbedding(module.num_embeddings, module.embedding_dim, comm, 1,
+                                        local_size=shard.local_shape[1], device="meta")
+            else:
+                raise ShardwiseError(f"{name}: an embedding can be split along one dimension only")
+        else:
+            continue
+        model.set_submodule(name, new)
+    return model
+
+
+def assign_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Adopt the loaded tensors as parameters (no copy), tie weights, and refuse anything left unset."""
+    model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    unset = [n for n, p in model.named_parameters() if p.is_meta]
+    if unset:
+        raise ShardwiseError(f"the checkpoint lacks {len(unset)} parameters, e.g. {unset[0]}")
