@@ -20,6 +20,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "llama",
 }
 
+# Configs written without `architectures` (e.g. from GGUF) still name their model_type.
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -65,7 +68,7 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 
 
 def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
-    archs = raw.get("architectures") or []
+    archs = raw.get("architectures") or [MODEL_TYPES.get(raw.get("model_type", ""), "")]
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         name = archs[0] if archs else raw.get("model_type", "unknown")

@@ -13,8 +13,8 @@ ignore, and padded vocabulary rows are cut from the gathered logits.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from .config import ModelConfig
 from .errors import ShardwiseError

@@ -1,0 +1,17 @@
+"""shardwise: tensor-parallel inference from Hugging Face checkpoints, sharded by a declarative plan."""
+
+from .config import ModelConfig, load_config
+from .engine import ShardedModel, load_sharded, model_layout
+from .errors import ShardwiseError
+from .generation import Sampling, generate
+from .layout import Layout, compute_layout
+from .mesh import Mesh
+from .plan import Plan, builtin_plan, load_plan, resolve_plan
+from .runner import RunOptions, RunResult, run
+
+__all__ = [
+    "Layout", "Mesh", "ModelConfig", "Plan", "RunOptions", "RunResult", "Sampling", "ShardedModel",
+    "ShardwiseError", "builtin_plan", "compute_layout", "generate", "load_config", "load_plan", "load_sharded",
+    "model_layout", "resolve_plan", "run",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,214 @@
+"""The main job, as NxD's ``inference_demo run``: load sharded, generate, optionally check and time.
+
+The parent process validates input and tokenizes (so bad input fails before any rank starts), then
+launches the ranks; rank 0 writes what it produced to a results file the parent reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import load_config
+from .engine import check_tp_degree, load_sharded, resolve_dtype
+from .errors import ShardwiseError
+from .generation import Generated, Sampling, generate
+from .parallel.comm import Collectives
+from .parallel.launch import default_backend, launch, threads_per_rank
+from .plan import resolve_plan
+
+log = logging.getLogger("shardwise")
+DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+@dataclass
+class RunOptions:
+    model_path: str
+    tp_degree: int = 2
+    torch_dtype: str = "auto"
+    batch_size: int = 1
+    max_context_length: int = 1024
+    seq_len: int = 2048
+    max_new_tokens: int = 64
+    top_k: int = 1
+    top_p: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+    pad_token_id: int | None = None
+    prompts: list[str] = field(default_factory=lambda: [DEFAULT_PROMPT])
+    chat_template: bool = True
+    check_accuracy_mode: str = "skip-accuracy-check"
+    benchmark: bool = False
+    benchmark_iterations: int = 3
+    output_dir: str = "."
+    sharding_config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    progress: bool = False
+
+
+@dataclass
+class RunResult:
+    texts: list[str]
+    tokens: list[list[int]]
+    load_seconds: float
+    shard_seconds: float
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: float
+    accuracy: str | None = None
+    report_path: str | None = None
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s shardwise: %(message)s", force=True)
+
+
+def _max_over_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[int]]], pad_id: int,
+               eos: tuple[int, ...], result_path: str) -> None:
+    _setup_logging()
+    if rank != 0:
+        logging.getLogger("shardwise").setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    comm = Collectives()
+    plan = resolve_plan(load_config(opts.model_path).family, opts.sharding_config, opts.overrides)
+    sharded = load_sharded(opts.model_path, opts.torch_dtype, plan, comm, opts.device,
+                           progress=opts.progress and rank == 0)
+    comm.barrier()
+    shard_s, load_s = _max_over_ranks([sharded.stats.seconds, time.perf_counter() - t0])
+    log.info("Done sharding weights in %.3f seconds", shard_s)
+    log.info("Total model loading time: %.3f seconds", load_s)
+    sampling = Sampling(opts.top_k, opts.top_p, opts.temperature, opts.seed)
+    keep_logits = opts.check_accuracy_mode == "logit-matching"
+
+    def run_all() -> list[Generated]:
+        return [generate(sharded.model, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, opts.device)
+                for b in batches]
+
+    runs = 1
+    if opts.benchmark:
+        generate(sharded.model, batches[0], min(4, opts.max_new_tokens), pad_id, eos, sampling, comm,
+                 device=opts.device)  # warm-up: first-call allocations and kernel selection
+        runs = max(1, opts.benchmark_iterations)
+    timings = [run_all() for _ in range(runs)]
+    results = timings[-1]
+    prefill = statistics.median(sum(g.prompt_tokens for g in t) / max(1e-9, sum(g.prefill_seconds for g in t))
+                                for t in timings)
+    decode = statistics.median(
+        sum(len(g.tokens) * g.decode_steps for g in t) / max(1e-9, sum(g.decode_seconds for g in t)) for t in timings
+    )
+    if rank == 0:
+        torch.save({
+            "tokens": [g.tokens for g in results],
+            "logits": [g.step_logits for g in results],
+            "load_seconds": load_s, "shard_seconds": shard_s,
+            "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
+            "threads_per_rank": torch.get_num_threads(),
+            "bytes_held_rank0": sharded.stats.bytes_held, "bytes_read_rank0": sharded.stats.bytes_read,
+        }, result_path)
+
+
+def validate(opts: RunOptions):
+    """Everything that can be checked before starting a rank; returns (config, tokenizer, batches)."""
+    from .prompts import encode_prompts, load_tokenizer
+
+    config = load_config(opts.model_path)
+    from .checkpoint import CheckpointSource
+
+    CheckpointSource(opts.model_path)  # raises if no weights
+    check_tp_degree(config, opts.tp_degree)
+    resolve_dtype(opts.torch_dtype, config)
+    if opts.check_accuracy_mode not in ("skip-accuracy-check", "token-matching", "logit-matching"):
+        raise ShardwiseError(f"unknown --check-accuracy-mode {opts.check_accuracy_mode!r}")
+    if opts.batch_size < 1 or opts.max_new_tokens < 1:
+        raise ShardwiseError("--batch-size and --max-new-tokens must be at least 1")
+    if not opts.prompts:
+        raise ShardwiseError("no prompt given")
+    if opts.sharding_config or opts.overrides:
+        resolve_plan(config.family, opts.sharding_config, opts.overrides)
+    tokenizer = load_tokenizer(opts.model_path)
+    encoded = encode_prompts(tokenizer, opts.prompts, opts.chat_template)
+    for text, ids in zip(opts.prompts, encoded):
+        if len(ids) > opts.max_context_length:
+            raise ShardwiseError(
+                f"prompt {text[:40]!r}... is {len(ids)} tokens, longer than --max-context-length {opts.max_context_length}"
+            )
+        if len(ids) >= opts.seq_len:
+            raise ShardwiseError(f"prompt of {len(ids)} tokens leaves no room within --seq-len {opts.seq_len}")
+    batches = [encoded[i:i + opts.batch_size] for i in range(0, len(encoded), opts.batch_size)]
+    return config, tokenizer, batches
+
+
+def run(opts: RunOptions) -> RunResult:
+    """Run the whole job; the Python equivalent of ``shardwise run``."""
+    _setup_logging()
+    config, tokenizer, batches = validate(opts)
+    longest = max(len(p) for b in batches for p in b)
+    opts.max_new_tokens = min(opts.max_new_tokens, opts.seq_len - longest)
+    pad_id = opts.pad_token_id
+    if pad_id is None:
+        pad_id = config.pad_token_id if config.pad_token_id is not None else (tokenizer.pad_token_id or 0)
+    eos = tuple(config.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    dtype = resolve_dtype(opts.torch_dtype, config)
+    log.info("Model %s: %d layers, %d heads (%d KV), vocab %d; TP %d, %s, %d thread(s) per rank",
+             config.architecture, config.num_layers, config.num_heads, config.num_kv_heads, config.vocab_size,
+             opts.tp_degree, str(dtype).replace("torch.", ""), threads_per_rank(opts.tp_degree))
+    with tempfile.TemporaryDirectory(prefix="shardwise-") as tmp:
+        result_path = str(Path(tmp) / "rank0.pt")
+        launch(_rank_main, opts.tp_degree, (opts, batches, pad_id, eos, result_path), default_backend(opts.device))
+        if not Path(result_path).exists():  # a rank other than 0 under torchrun: rank 0 reports
+            return RunResult([], [], 0, 0, 0, 0)
+        data = torch.load(result_path)
+    tokens = [row for batch in data["tokens"] for row in batch]
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    for prompt, text in zip(opts.prompts, texts):
+        print(f"\nPrompt: {prompt}\nOutput: {text}", flush=True)
+    result = RunResult(texts, tokens, data["load_seconds"], data["shard_seconds"],
+                       data["prefill_tokens_per_second"], data["decode_tokens_per_second"])
+    log.info("Prefill %.1f tokens/s, decode %.1f tokens/s", result.prefill_tokens_per_second,
+             result.decode_tokens_per_second)
+    if opts.check_accuracy_mode != "skip-accuracy-check":
+        from .accuracy import compare, hf_reference
+
+        log.info("Checking accuracy (%s) against HF transformers on one process", opts.check_accuracy_mode)
+        if not Sampling(opts.top_k, opts.top_p, opts.temperature).greedy:
+            raise ShardwiseError("accuracy checks compare greedy output: use --top-k 1")
+        reference = hf_reference(opts.model_path, batches, opts.max_new_tokens, pad_id, eos, dtype)
+        report = compare(opts.check_accuracy_mode, list(zip(data["tokens"], data["logits"])), reference, dtype)
+        result.accuracy = report.detail
+        if not report.passed:
+            raise ShardwiseError(f"accuracy check ({report.mode}) failed: {report.detail}")
+        log.info("Accuracy check (%s) passed: %s", report.mode, report.detail)
+    if opts.benchmark:
+        out_dir = Path(opts.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report = {
+            "model": str(opts.model_path), "architecture": config.architecture, "tp_degree": opts.tp_degree,
+            "torch_dtype": str(dtype).replace("torch.", ""), "batch_size": opts.batch_size,
+            "threads_per_rank": data["threads_per_rank"], "iterations": opts.benchmark_iterations,
+            "load_seconds": data["load_seconds"], "shard_seconds": data["shard_seconds"],
+            "prefill_tokens_per_second": data["prefill_tokens_per_second"],
+            "decode_tokens_per_second": data["decode_tokens_per_second"],
+            "new_tokens": [len(t) for t in tokens], "options": asdict(opts),
+        }
+        path = out_dir / "benchmark_report.json"
+        tmp_path = path.with_suffix(".json.tmp")
+        tmp_path.write_text(json.dumps(report, indent=2))
+        tmp_path.replace(path)
+        result.report_path = str(path)
+        log.info("Benchmark report written to %s", path)
+    return result
