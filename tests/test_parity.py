@@ -20,6 +20,7 @@ def hf_reference(path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # random weights: never stop early, compare every step
     longest = max(map(len, PROMPTS))
     ids = torch.zeros(len(PROMPTS), longest, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -27,7 +28,7 @@ def hf_reference(path):
         ids[i, longest - len(p):] = torch.tensor(p)
         mask[i, longest - len(p):] = 1
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
                              do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     return out.sequences[:, longest:].tolist(), [s.float() for s in out.logits]
 

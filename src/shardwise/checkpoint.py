@@ -10,7 +10,9 @@ bytes, and the copy casts to the target dtype on the way (one pass over the data
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import os
 import struct
 import threading
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import ShardwiseError
-from .layout import ShardSlice
+from .layout import Segment, ShardSlice
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -78,10 +80,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 class CheckpointSource:
     """An HF checkpoint directory: one ``model.safetensors``, or shards listed in an index."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, files: list[Path] | None = None):
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
-        if index.is_file():
+        if files is not None:
+            files = [Path(f) for f in files]
+        elif index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map", {})
             files = sorted({self.path / f for f in weight_map.values()})
         else:
@@ -94,7 +98,7 @@ class CheckpointSource:
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise ShardwiseError(f"the index lists files that are missing: {', '.join(missing)}")
-        self.files = files
+        self.files: list[Path] = files
         self.tensors: dict[str, TensorInfo] = {}
         for f in files:
             self.tensors.update(read_header(f))
@@ -109,65 +113,95 @@ class CheckpointSource:
 
 
 class SliceReader:
-    """Reads rank slices out of memory-mapped checkpoint files; safe to use from several threads.
+    """Reads rank slices out of checkpoint files; safe to use from several threads.
 
-    ``bytes_read`` counts the source bytes copied out of the files, so tests and the benchmark can
-    check that a rank fetched its slices and nothing else.
+    Memory stays bounded whatever the checkpoint size: source bytes are mapped a chunk of rows at a
+    time (at most ``CHUNK_BYTES``, prefaulted in one call with ``MAP_POPULATE``) and unmapped as soon as
+    they are copied, so resident memory is the shard being built plus a few chunks. ``bytes_read``
+    counts the source bytes copied out (the slice itself); ``bytes_mapped`` the file bytes mapped to
+    do so (more than the slice only for column slices, whose rows interleave with other ranks').
     """
+
+    CHUNK_BYTES = 32 << 20
 
     def __init__(self, source: CheckpointSource):
         self.source = source
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
+        self.bytes_mapped = 0
 
-    def _map(self, path: Path) -> mmap.mmap:
+    def _fd(self, path: Path) -> int:
         with self._lock:
-            if path not in self._maps:
-                with open(path, "rb") as f:
-                    # ACCESS_COPY gives a writable (private, never written) view, which torch.frombuffer needs.
-                    self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            return self._maps[path]
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def _map_rows(self, info: TensorInfo, first: int, last: int) -> tuple[mmap.mmap, torch.Tensor]:
+        """A tensor view of rows ``first..last-1`` of ``info`` over a fresh private mapping."""
+        shape = info.shape or (1,)
+        row_bytes = math.prod(shape[1:]) * info.itemsize
+        begin, end = info.begin + first * row_bytes, info.begin + last * row_bytes
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        # A private writable mapping, never written: torch.frombuffer wants a writable buffer.
+        mm = mmap.mmap(self._fd(info.file), end - aligned, flags=mmap.MAP_PRIVATE | _MAP_POPULATE,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        count = (end - begin) // info.itemsize
+        view = torch.frombuffer(mm, dtype=DTYPES[info.dtype], count=count, offset=begin - aligned)
+        with self._lock:
+            self.bytes_mapped += end - aligned
+        return mm, view.view((last - first, *shape[1:]))
 
     def source_view(self, name: str) -> torch.Tensor:
+        """The whole source tensor as a view over the file (for small tensors and tests)."""
         info = self.source.tensors[name]
-        buf = self._map(info.file)
-        count = (info.end - info.begin) // info.itemsize
-        flat = torch.frombuffer(buf, dtype=DTYPES[info.dtype], count=count, offset=info.begin)
-        return flat.view(info.shape)
+        shape = info.shape or (1,)
+        _, view = self._map_rows(info, 0, shape[0])
+        return view.view(info.shape)
 
     def read(self, source_name: str, shard: ShardSlice, dtype: torch.dtype) -> torch.Tensor:
         """Copy one rank's slice of ``source_name`` into a new tensor of ``dtype`` (padding zeroed)."""
-        view = self.source_view(source_name)
-        alloc = torch.zeros if shard.has_padding else torch.empty
-        out = alloc(shard.local_shape, dtype=dtype)
-        for dst_index, src_index in _block_pairs(shard):
-            out[dst_index].copy_(view[src_index])
+        info = self.source.tensors[source_name]
+        dims = shard.dims if info.shape else ((Segment(0, 1),),)
+        local_shape = tuple(sum(s.length for s in segs) for segs in dims)
+        out = (torch.zeros if shard.has_padding else torch.empty)(local_shape, dtype=dtype)
+        shape = info.shape or (1,)
+        rows_per_chunk = max(1, self.CHUNK_BYTES // max(1, math.prod(shape[1:]) * info.itemsize))
+        trailing = _block_pairs(dims[1:])
+        pos = 0
+        for seg in dims[0]:
+            if seg.start is not None:
+                for first in range(seg.start, seg.start + seg.length, rows_per_chunk):
+                    last = min(first + rows_per_chunk, seg.start + seg.length)
+                    mm, src = self._map_rows(info, first, last)
+                    rows = slice(pos + first - seg.start, pos + last - seg.start)
+                    for dst_index, src_index in trailing:
+                        out[(rows, *dst_index)].copy_(src[(slice(None), *src_index)])
+                    del src
+                    mm.close()
+            pos += seg.length
         with self._lock:
-            self.bytes_read += shard.source_numel * view.element_size()
-        return out
+            self.bytes_read += shard.source_numel * info.itemsize
+        return out.view(shard.local_shape)
 
     def close(self) -> None:
         with self._lock:
-            for m in self._maps.values():
-                try:
-                    m.close()
-                except BufferError:  # a tensor still views the map; the OS unmaps it at exit
-                    pass
-            self._maps.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
-def _block_pairs(shard: ShardSlice):
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _block_pairs(dims: tuple) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
     """(destination slices, source slices) for every combination of non-padding segments."""
-    per_dim: list[list[tuple[slice, slice]]] = []
-    for segs in shard.dims:
+    combos: list[tuple[tuple[slice, ...], tuple[slice, ...]]] = [((), ())]
+    for segs in dims:
         pairs, pos = [], 0
         for seg in segs:
             if seg.start is not None:
                 pairs.append((slice(pos, pos + seg.length), slice(seg.start, seg.start + seg.length)))
             pos += seg.length
-        per_dim.append(pairs)
-    combos: list[tuple[tuple[slice, ...], tuple[slice, ...]]] = [((), ())]
-    for pairs in per_dim:
         combos = [(d + (p[0],), s + (p[1],)) for d, s in combos for p in pairs]
     return combos
