@@ -59,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
                      help="override one plan rule, e.g. 'model.layers.*.mlp.up_proj.weight=[tensor,null]'")
     _add(run, "--device", default="cpu", help="cpu, or cuda (one GPU per rank, NCCL)")
+    _add_preshard_flags(run)
+    _add(run, "--save-sharded-checkpoint", action="store_true",
+         help="pre-shard into --compiled-model-path/weights first (resumable), then load from those files")
+    _add(run, "--skip-sharding", action="store_true",
+         help="load the pre-sharded files in --compiled-model-path (refused if stale); without this flag or "
+              "--save-sharded-checkpoint, a valid pre-sharded checkpoint is used when present")
+    _add(run, "--reshard", action="store_true",
+         help="accept pre-sharded files made at another TP degree and re-slice them (no source needed)")
+
+    shard = sub.add_parser("shard", help="pre-shard a checkpoint: one safetensors file per rank + manifest",
+                           formatter_class=_Formatter,
+                           description="Write <compiled-model-path>/weights/tp{rank}_sharded_checkpoint.safetensors and a "
+                                       "manifest of what they were made from. Interrupted runs resume: valid rank "
+                                       "files are kept, missing or partial ones are written again.")
+    _add(shard, "--model-path", default=None, help="HF checkpoint directory (default: the bundled SmolLM2)")
+    _add(shard, "--tp-degree", type=int, default=2, help="tensor-parallel degree")
+    _add(shard, "--torch-dtype", default="auto", help="dtype of the written shards (auto = config's)")
+    _add(shard, "--sharding-config", default=None, help="YAML sharding plan (default: the family's built-in plan)")
+    shard.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
+                       help="override one plan rule")
+    _add_preshard_flags(shard, required=True)
 
     conv = sub.add_parser("convert", help="convert a GGUF file to an HF safetensors checkpoint",
                           formatter_class=_Formatter,
@@ -72,11 +93,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_preshard_flags(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    _add(parser, "--compiled-model-path", default=None, required=required,
+         help="directory of the pre-sharded checkpoint (weights/ inside it)")
+    _add(parser, "--start-rank-id", type=int, default=0, help="first rank this node runs (multi-node)")
+    _add(parser, "--local-ranks-size", type=int, default=None,
+         help="ranks this node runs (default: all from --start-rank-id); other nodes meet at MASTER_ADDR:MASTER_PORT")
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .convert import bundled_model_dir
+    from .plan import resolve_plan
+    from .presharded import preshard
+
+    model_path = args.model_path or str(bundled_model_dir())
+    plan = resolve_plan(load_config(model_path).family, args.sharding_config, args.overrides)
+    logging.getLogger("shardwise").info("Sharding weights for ranks: %d...%d", args.start_rank_id,
+                                        args.start_rank_id + (args.local_ranks_size or args.tp_degree - args.start_rank_id) - 1)
+    stats = preshard(model_path, args.compiled_model_path, args.tp_degree, args.torch_dtype, plan,
+                     args.start_rank_id, args.local_ranks_size, progress=sys.stderr.isatty())
+    logging.getLogger("shardwise").info("Done sharding weights in %.3f seconds", stats.seconds)
+    print(f"wrote ranks {stats.ranks_written or 'none'}, kept valid ranks {stats.ranks_skipped or 'none'}: "
+          f"{stats.bytes_written / 1e6:.1f} MB in {stats.seconds:.2f} s")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .convert import bundled_model_dir
     from .runner import DEFAULT_PROMPT, RunOptions, run
 
-    model_path = args.model_path or str(bundled_model_dir())
+    if args.model_path is None and args.skip_sharding and args.compiled_model_path:
+        model_path = args.compiled_model_path
+    else:
+        model_path = args.model_path or str(bundled_model_dir())
     opts = RunOptions(
         model_path=model_path, tp_degree=args.tp_degree, torch_dtype=args.torch_dtype, batch_size=args.batch_size,
         max_context_length=args.max_context_length, seq_len=args.seq_len, max_new_tokens=args.max_new_tokens,
@@ -85,7 +135,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         chat_template=not args.no_chat_template, check_accuracy_mode=args.check_accuracy_mode,
         benchmark=args.benchmark, benchmark_iterations=args.benchmark_iterations, output_dir=args.output_dir,
         sharding_config=args.sharding_config, overrides=args.overrides, device=args.device,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty(), compiled_model_path=args.compiled_model_path,
+        save_sharded_checkpoint=args.save_sharded_checkpoint, skip_sharding=args.skip_sharding, reshard=args.reshard,
+        start_rank_id=args.start_rank_id, local_ranks_size=args.local_ranks_size,
     )
     result = run(opts)
     if result.texts:
@@ -118,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.command is None:
                 args = parser.parse_args(["run"])
             return _cmd_run(args)
+        if args.command == "shard":
+            return _cmd_shard(args)
         return _cmd_convert(args)
     except ShardwiseError as exc:
         if debug:

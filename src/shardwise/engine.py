@@ -74,23 +74,56 @@ class ShardedModel:
 
 
 def load_sharded(
-    model_path: str | Path,
+    model_path: str | Path | None,
     dtype: str | torch.dtype = "auto",
     plan: Plan | None = None,
     comm: Collectives | None = None,
     device: str = "cpu",
     progress: bool = False,
     read_threads: int = 4,
+    compiled_model_path: str | Path | None = None,
+    weights: str = "auto",
+    reshard: bool = False,
 ) -> ShardedModel:
-    """Load this rank's shard of ``model_path`` and return the tensor-parallel model, ready to run."""
+    """Load this rank's shard and return the tensor-parallel model, ready to run.
+
+    ``weights`` picks where the shard comes from: ``"on-load"`` reads this rank's slices from the
+    checkpoint at ``model_path``; ``"presharded"`` reads ``compiled_model_path``'s rank file (refusing
+    stale ones; ``reshard`` re-slices files made at another TP degree); ``"auto"`` uses a valid
+    pre-sharded checkpoint when there is one and shards on load otherwise.
+    """
+    from . import presharded
+
     comm = comm or Collectives()
-    config = load_config(model_path)
-    torch_dtype = resolve_dtype(dtype, config)
-    source = CheckpointSource(model_path)
-    layout = model_layout(model_path, comm.world_size, plan, config, source)
-    if comm.rank == 0:
-        log.info("Sharding weights for ranks: 0...%d", comm.world_size - 1)
-    state, stats = load_rank_state(source, layout, comm.rank, torch_dtype, read_threads, progress)
+    if weights == "auto":
+        weights = "on-load"
+        if compiled_model_path is not None and presharded.read_manifest(compiled_model_path) is not None:
+            _, problems = presharded.check_presharded(compiled_model_path, comm.world_size, dtype, model_path, plan)
+            if not problems:
+                weights = "presharded"
+            elif comm.rank == 0:
+                log.info("Not using the pre-sharded checkpoint (%s); sharding on load", "; ".join(problems))
+    if weights == "presharded":
+        if compiled_model_path is None:
+            raise ShardwiseError("loading pre-sharded weights needs --compiled-model-path")
+        manifest = presharded.read_manifest(compiled_model_path) or {}
+        if comm.rank == 0:
+            log.info("Loading pre-sharded weights for ranks: 0...%d from %s", comm.world_size - 1,
+                     Path(compiled_model_path) / presharded.WEIGHTS)
+        state, stats = presharded.load_presharded_state(compiled_model_path, comm.rank, comm.world_size, dtype,
+                                                        model_path, reshard, read_threads)
+        config, layout = presharded.presharded_layout(manifest, comm.world_size)
+        torch_dtype = next(iter(state.values())).dtype
+    else:
+        if model_path is None:
+            raise ShardwiseError("sharding on load needs --model-path")
+        config = load_config(model_path)
+        torch_dtype = resolve_dtype(dtype, config)
+        source = CheckpointSource(model_path)
+        layout = model_layout(model_path, comm.world_size, plan, config, source)
+        if comm.rank == 0:
+            log.info("Sharding weights for ranks: 0...%d", comm.world_size - 1)
+        state, stats = load_rank_state(source, layout, comm.rank, torch_dtype, read_threads, progress)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     parallelize(model, layout, comm.rank, comm)

@@ -53,6 +53,12 @@ class RunOptions:
     overrides: list[str] = field(default_factory=list)
     device: str = "cpu"
     progress: bool = False
+    compiled_model_path: str | None = None
+    save_sharded_checkpoint: bool = False
+    skip_sharding: bool = False
+    reshard: bool = False
+    start_rank_id: int = 0
+    local_ranks_size: int | None = None
 
 
 @dataclass
@@ -86,8 +92,10 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     t0 = time.perf_counter()
     comm = Collectives()
     plan = resolve_plan(load_config(opts.model_path).family, opts.sharding_config, opts.overrides)
-    sharded = load_sharded(opts.model_path, opts.torch_dtype, plan, comm, opts.device,
-                           progress=opts.progress and rank == 0)
+    weights = "presharded" if opts.skip_sharding or opts.save_sharded_checkpoint else "auto"
+    source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path or "") else None
+    sharded = load_sharded(source, opts.torch_dtype, plan, comm, opts.device, progress=opts.progress and rank == 0,
+                           compiled_model_path=opts.compiled_model_path, weights=weights, reshard=opts.reshard)
     comm.barrier()
     shard_s, load_s = _max_over_ranks([sharded.stats.seconds, time.perf_counter() - t0])
     log.info("Done sharding weights in %.3f seconds", shard_s)
@@ -126,10 +134,16 @@ def validate(opts: RunOptions):
     """Everything that can be checked before starting a rank; returns (config, tokenizer, batches)."""
     from .prompts import encode_prompts, load_tokenizer
 
+    if opts.skip_sharding or opts.save_sharded_checkpoint:
+        if not opts.compiled_model_path:
+            raise ShardwiseError("--skip-sharding and --save-sharded-checkpoint need --compiled-model-path")
+    if opts.skip_sharding and not Path(opts.model_path).exists():
+        opts.model_path = opts.compiled_model_path  # it carries config.json and the tokenizer
     config = load_config(opts.model_path)
     from .checkpoint import CheckpointSource
 
-    CheckpointSource(opts.model_path)  # raises if no weights
+    if not opts.skip_sharding:
+        CheckpointSource(opts.model_path)  # raises if no weights
     check_tp_degree(config, opts.tp_degree)
     resolve_dtype(opts.torch_dtype, config)
     if opts.check_accuracy_mode not in ("skip-accuracy-check", "token-matching", "logit-matching"):
@@ -140,6 +154,11 @@ def validate(opts: RunOptions):
         raise ShardwiseError("no prompt given")
     if opts.sharding_config or opts.overrides:
         resolve_plan(config.family, opts.sharding_config, opts.overrides)
+    if opts.skip_sharding:
+        from .presharded import require_usable
+
+        source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path) else None
+        require_usable(opts.compiled_model_path, opts.tp_degree, opts.torch_dtype, source, opts.reshard)
     tokenizer = load_tokenizer(opts.model_path)
     encoded = encode_prompts(tokenizer, opts.prompts, opts.chat_template)
     for text, ids in zip(opts.prompts, encoded):
@@ -167,9 +186,19 @@ def run(opts: RunOptions) -> RunResult:
     log.info("Model %s: %d layers, %d heads (%d KV), vocab %d; TP %d, %s, %d thread(s) per rank",
              config.architecture, config.num_layers, config.num_heads, config.num_kv_heads, config.vocab_size,
              opts.tp_degree, str(dtype).replace("torch.", ""), threads_per_rank(opts.tp_degree))
+    if opts.save_sharded_checkpoint:
+        from .presharded import preshard
+
+        log.info("Pre-sharding weights to %s", Path(opts.compiled_model_path) / "weights")
+        stats = preshard(opts.model_path, opts.compiled_model_path, opts.tp_degree, opts.torch_dtype,
+                         resolve_plan(config.family, opts.sharding_config, opts.overrides), opts.start_rank_id,
+                         opts.local_ranks_size)
+        log.info("Done pre-sharding ranks %s in %.3f seconds (kept %s)", stats.ranks_written or "none",
+                 stats.seconds, stats.ranks_skipped or "none")
     with tempfile.TemporaryDirectory(prefix="shardwise-") as tmp:
         result_path = str(Path(tmp) / "rank0.pt")
-        launch(_rank_main, opts.tp_degree, (opts, batches, pad_id, eos, result_path), default_backend(opts.device))
+        launch(_rank_main, opts.tp_degree, (opts, batches, pad_id, eos, result_path), default_backend(opts.device),
+               opts.start_rank_id, opts.local_ranks_size)
         if not Path(result_path).exists():  # a rank other than 0 under torchrun: rank 0 reports
             return RunResult([], [], 0, 0, 0, 0)
         data = torch.load(result_path)

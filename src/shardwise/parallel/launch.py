@@ -8,6 +8,7 @@ names the rank that failed first (not a peer that merely lost its connection to 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -56,11 +57,12 @@ def default_backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def _rank_entry(rank: int, fn: Worker, world: int, port: int, backend: str, threads: int, args: tuple,
-                error_dir: str) -> None:
+def _rank_entry(local_rank: int, fn: Worker, world: int, start_rank: int, init_method: str, backend: str,
+                threads: int, args: tuple, error_dir: str) -> None:
     torch.set_num_threads(threads)
+    rank = start_rank + local_rank
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=COLLECTIVE_TIMEOUT)
         try:
             fn(rank, world, *args)
@@ -69,12 +71,17 @@ def _rank_entry(rank: int, fn: Worker, world: int, port: int, backend: str, thre
     except BaseException as exc:
         text = str(exc) if isinstance(exc, ShardwiseError) else f"{type(exc).__name__}: {exc}"
         first_line = (text.strip().splitlines() or [type(exc).__name__])[0]
-        (Path(error_dir) / f"rank{rank}").write_text(f"{time.monotonic()}\n{first_line}")
+        (Path(error_dir) / f"rank{local_rank}").write_text(f"{time.monotonic()}\n{first_line}")
         raise
 
 
-def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo") -> None:
-    """Run ``fn(rank, world_size, *args)`` on every rank; returns when all ranks have finished."""
+def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo", start_rank: int = 0,
+           local_ranks: int | None = None) -> None:
+    """Run ``fn(rank, world_size, *args)`` on every rank; returns when all ranks have finished.
+
+    On several nodes, each node runs ranks ``start_rank .. start_rank+local_ranks-1`` and they meet
+    at ``MASTER_ADDR:MASTER_PORT`` (NxD's ``--start_rank_id`` / ``--local_ranks_size``).
+    """
     if under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != world_size:
@@ -87,39 +94,52 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo")
         finally:
             dist.destroy_process_group()
         return
+    local = world_size - start_rank if local_ranks is None else local_ranks
+    if start_rank < 0 or local < 1 or start_rank + local > world_size:
+        raise ShardwiseError(f"ranks {start_rank}..{start_rank + local - 1} are not within TP degree {world_size}")
     if world_size == 1:
         fn(0, 1, *args)
         return
-    threads = threads_per_rank(world_size)
+    address, port = "127.0.0.1", None
+    if local < world_size:
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise ShardwiseError("a node running only some ranks needs MASTER_ADDR and MASTER_PORT set "
+                                 "(the address of the node with rank 0)")
+        address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    threads = threads_per_rank(local)
+    # torch logs a warning per rank it terminates after a failure; our one-line error says it all.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="shardwise-ranks-") as error_dir:
         context = mp.start_processes(_rank_entry,
-                                     args=(fn, world_size, _free_port(), backend, threads, args, error_dir),
-                                     nprocs=world_size, start_method="spawn", join=False)
+                                     args=(fn, world_size, start_rank, f"tcp://{address}:{port or _free_port()}",
+                                           backend, threads, args, error_dir),
+                                     nprocs=local, start_method="spawn", join=False)
         try:
             while not context.join():
                 pass
         except ProcessException as exc:  # join() has already terminated the surviving ranks
             for proc in context.processes:
                 proc.join(10)
-            raise ShardwiseError(_root_cause(exc, Path(error_dir), context.processes)) from None
+            raise ShardwiseError(_root_cause(exc, Path(error_dir), context.processes, start_rank)) from None
 
 
-def _root_cause(exc: ProcessException, error_dir: Path, processes) -> str:
+def _root_cause(exc: ProcessException, error_dir: Path, processes, start_rank: int = 0) -> str:
     """The first real failure: a rank's own error, else a rank that died, else whatever was seen first."""
     errors = {}
     for f in error_dir.glob("rank*"):
         stamp, _, text = f.read_text().partition("\n")
         errors[int(f.name[4:])] = (float(stamp), text)
+    # Files and processes are indexed by local rank; messages name global ranks.
     own = {r: e for r, e in errors.items() if not any(s in e[1] for s in _PEER_LOSS)}
     if own:
         rank = min(own, key=lambda r: own[r][0])
-        return f"rank {rank} failed: {own[rank][1]}"
+        return f"rank {start_rank + rank} failed: {own[rank][1]}"
     for rank, proc in enumerate(processes):
         code = proc.exitcode
         if rank not in errors and code not in (0, None, -signal.SIGTERM):
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            return f"rank {rank} died ({how}); the other ranks were stopped"
+            return f"rank {start_rank + rank} died ({how}); the other ranks were stopped"
     if errors:
         rank = min(errors, key=lambda r: errors[r][0])
-        return f"rank {rank} failed: {errors[rank][1]}"
-    return f"rank {exc.error_index} failed"
+        return f"rank {start_rank + rank} failed: {errors[rank][1]}"
+    return f"rank {start_rank + exc.error_index} failed"

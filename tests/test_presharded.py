@@ -1,0 +1,227 @@
+"""Pre-sharded checkpoints: identical to shard-on-load, never stale, crash-safe, resumable, reshardable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardwise.checkpoint import CheckpointSource
+from shardwise.engine import model_layout
+from shardwise.errors import ShardwiseError
+from shardwise.loader import load_rank_state
+from shardwise.plan import builtin_plan
+from shardwise.presharded import load_presharded_state, preshard, rank_file, read_manifest
+
+
+def on_load(path, tp, rank, dtype=torch.float32):
+    return load_rank_state(CheckpointSource(path), model_layout(path, tp), rank, dtype)[0]
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture
+def source(tiny_models, tmp_path):
+    dst = tmp_path / "src"
+    shutil.copytree(tiny_models["gqa9_tied"], dst)
+    return dst
+
+
+def test_presharded_equals_shard_on_load(source, tmp_path):
+    stats = preshard(source, tmp_path / "c", 3, "bfloat16")
+    assert stats.ranks_written == [0, 1, 2] and stats.ranks_skipped == []
+    manifest = read_manifest(tmp_path / "c")
+    assert manifest["mesh"] == {"axes": ["tensor"], "sizes": [3]} and manifest["dtype"] == "bfloat16"
+    for rank in range(3):
+        state, _ = load_presharded_state(tmp_path / "c", rank, 3, "bfloat16", model_path=source)
+        assert_same(state, on_load(source, 3, rank, torch.bfloat16))
+
+
+def _rewrite_one_tensor(path: Path):
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.down_proj.weight"
+    f = path / index[name]
+    tensors = load_file(str(f))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("change,expected", [
+    ("source", "the source checkpoint changed"),
+    ("tp", "the TP degree changed (files are for tensor 2, asked for tensor 3)"),
+    ("dtype", "the dtype changed (files are float32, asked for bfloat16)"),
+    ("plan", "the sharding plan changed"),
+])
+def test_stale_files_are_refused_with_the_reason(source, tmp_path, change, expected):
+    preshard(source, tmp_path / "c", 2, "float32")
+    tp, dtype, plan = 2, "float32", None
+    if change == "source":
+        _rewrite_one_tensor(source)
+    elif change == "tp":
+        tp = 3
+    elif change == "dtype":
+        dtype = "bfloat16"
+    from shardwise import presharded
+
+    if change == "plan":
+        plan = builtin_plan("llama").with_overrides(["model.layers.*.mlp.up_proj.weight=[null,null]"])
+        _, problems = presharded.check_presharded(tmp_path / "c", tp, dtype, source, plan)
+        assert expected in "; ".join(problems)
+        return
+    with pytest.raises(ShardwiseError, match="is stale") as err:
+        load_presharded_state(tmp_path / "c", 0, tp, dtype, model_path=source)
+    assert expected in str(err.value) and "shardwise shard" in str(err.value)
+
+
+def test_reshard_without_the_source(source, tmp_path):
+    preshard(source, tmp_path / "c", 4, "float32")
+    expected = {r: on_load(source, 2, r) for r in range(2)}
+    shutil.rmtree(source)  # the original checkpoint is gone
+    for rank in range(2):
+        state, _ = load_presharded_state(tmp_path / "c", rank, 2, "float32", reshard=True)
+        assert_same(state, expected[rank])
+
+
+def test_partial_and_corrupt_files_are_redone(source, tmp_path):
+    preshard(source, tmp_path / "c", 2, "float32")
+    f0 = rank_file(tmp_path / "c", 0)
+    with open(f0, "r+b") as f:  # truncated, as if the disk filled up
+        f.truncate(f0.stat().st_size - 16)
+    with pytest.raises(ShardwiseError, match="incomplete: rank 0"):
+        load_presharded_state(tmp_path / "c", 1, 2, "float32")
+    stats = preshard(source, tmp_path / "c", 2, "float32")
+    assert stats.ranks_written == [0] and stats.ranks_skipped == [1]
+    load_presharded_state(tmp_path / "c", 0, 2, "float32")
+
+
+KILL_SCRIPT = """
+import sys, time
+import shardwise.checkpoint as ck
+real = ck.SliceReader.read
+def slow(self, *a, **k):
+    time.sleep(0.05)
+    return real(self, *a, **k)
+ck.SliceReader.read = slow
+from shardwise.presharded import preshard
+preshard(sys.argv[1], sys.argv[2], 4, "float32", threads=1)
+"""
+
+
+@pytest.mark.slow
+def test_killed_preshard_leaves_nothing_acceptable_and_resumes(source, tmp_path):
+    out = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(source), str(out)])
+    weights = out / "weights"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not rank_file(out, 1).exists():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-way through rank 2 or so
+    proc.wait()
+    finished = [r for r in range(4) if rank_file(out, r).exists()]
+    assert 0 < len(finished) < 4
+    # No manifest yet, or one whose files are incomplete: either way nothing loads.
+    with pytest.raises(ShardwiseError):
+        load_presharded_state(out, 0, 4, "float32")
+    stats = preshard(source, out, 4, "float32")
+    assert stats.ranks_skipped == finished and sorted(stats.ranks_written + finished) == [0, 1, 2, 3]
+    assert not list(weights.glob(".*tmp*"))
+    for rank in range(4):
+        assert_same(load_presharded_state(out, rank, 4, "float32")[0], on_load(source, 4, rank))
+
+
+RSS_SCRIPT = """
+import resource, sys, torch
+from shardwise.checkpoint import CheckpointSource
+from shardwise.engine import model_layout
+from shardwise.loader import load_rank_state
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+path, tp = sys.argv[1], int(sys.argv[2])
+layout = model_layout(path, tp)
+base = rss("VmRSS")
+state, stats = load_rank_state(CheckpointSource(path), layout, tp - 1, torch.float32)
+print(rss("VmHWM") - base, stats.bytes_held)
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_is_the_shard_plus_a_bounded_buffer(tmp_path):
+    """A rank's peak resident memory stays within its shard + 10% + 256 MB, not the checkpoint size."""
+    from safetensors.torch import save_file
+
+    hidden, inter, layers, vocab = 1024, 4096, 8, 32000
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": hidden,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
+           "num_key_value_heads": 4, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    path = tmp_path / "big"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(cfg))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t = {p + "self_attn.q_proj.weight": torch.ones(hidden, hidden), p + "self_attn.o_proj.weight": torch.ones(hidden, hidden),
+             p + "self_attn.k_proj.weight": torch.ones(256, hidden), p + "self_attn.v_proj.weight": torch.ones(256, hidden),
+             p + "mlp.gate_proj.weight": torch.ones(inter, hidden), p + "mlp.up_proj.weight": torch.ones(inter, hidden),
+             p + "mlp.down_proj.weight": torch.ones(hidden, inter), p + "input_layernorm.weight": torch.ones(hidden),
+             p + "post_attention_layernorm.weight": torch.ones(hidden)}
+        save_file(t, str(path / f"layer{i}.safetensors"))
+    save_file({"model.embed_tokens.weight": torch.ones(vocab, hidden), "lm_head.weight": torch.ones(vocab, hidden),
+               "model.norm.weight": torch.ones(hidden)}, str(path / "embed.safetensors"))
+    total = CheckpointSource(path).total_bytes
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), "4"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    peak, shard = map(int, proc.stdout.split())
+    assert shard < total / 3
+    assert peak <= shard * 1.1 + (256 << 20), f"peak {peak / 2**20:.0f} MiB for a {shard / 2**20:.0f} MiB shard"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_with_torchrun(smollm2, tmp_path):
+    """Two 'nodes' on loopback: each pre-shards only its own rank, then torchrun --nnodes 2 runs them."""
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    compiled = tmp_path / "compiled"
+    for node in (0, 1):  # NxD's spellings of the flags
+        subprocess.run([sys.executable, "-m", "shardwise", "shard", "--model-path", str(smollm2),
+                        "--compiled-model-path", str(compiled), "--tp-degree", "2", "--start_rank_id", str(node),
+                        "--local_ranks_size", "1"], check=True, env=env, capture_output=True, timeout=300)
+    port = _free_port()
+    procs = [subprocess.Popen([torchrun, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+                               "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "shardwise", "run",
+                               "--model-path", str(smollm2), "--compiled-model-path", str(compiled), "--skip-sharding",
+                               "--tp-degree", "2", "--max-new-tokens", "8"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for node in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-1500:] + outs[1][1][-1500:]
+    assert "Paris" in outs[0][0] and "Loading pre-sharded weights" in outs[0][1]
