@@ -14,7 +14,8 @@ from shardwise.plan import builtin_plan
 
 
 @pytest.mark.parametrize("heads,kv,parts", [
-    (h, kv, p) for h, kv, p in itertools.product([1, 2, 3, 4, 6, 8, 9, 12, 16, 32, 128], [1, 2, 3, 4, 8, 16], range(1, 9))
+    (h, kv, p)
+    for h, kv, p in itertools.product([1, 2, 3, 4, 6, 8, 9, 12, 16, 32, 128], [1, 2, 3, 4, 8, 16], range(1, 9))
     if h % kv == 0 and p <= h
 ] + [(128, 8, 64)])
 def test_assign_heads_is_exact(heads, kv, parts):

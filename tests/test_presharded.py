@@ -175,8 +175,10 @@ def test_peak_memory_is_the_shard_plus_a_bounded_buffer(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     for i in range(layers):
         p = f"model.layers.{i}."
-        t = {p + "self_attn.q_proj.weight": torch.ones(hidden, hidden), p + "self_attn.o_proj.weight": torch.ones(hidden, hidden),
-             p + "self_attn.k_proj.weight": torch.ones(256, hidden), p + "self_attn.v_proj.weight": torch.ones(256, hidden),
+        t = {p + "self_attn.q_proj.weight": torch.ones(hidden, hidden),
+             p + "self_attn.o_proj.weight": torch.ones(hidden, hidden),
+             p + "self_attn.k_proj.weight": torch.ones(256, hidden),
+             p + "self_attn.v_proj.weight": torch.ones(256, hidden),
              p + "mlp.gate_proj.weight": torch.ones(inter, hidden), p + "mlp.up_proj.weight": torch.ones(inter, hidden),
              p + "mlp.down_proj.weight": torch.ones(hidden, inter), p + "input_layernorm.weight": torch.ones(hidden),
              p + "post_attention_layernorm.weight": torch.ones(hidden)}

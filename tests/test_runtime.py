@@ -6,7 +6,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -55,7 +54,8 @@ def test_runs_under_torchrun(smollm2, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "shardwise", "run", "--model-path", str(smollm2),
+        [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m",
+         "shardwise", "run", "--model-path", str(smollm2),
          "--tp-degree", "2", "--max-new-tokens", "8"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )

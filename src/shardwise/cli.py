@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     shard = sub.add_parser("shard", help="pre-shard a checkpoint: one safetensors file per rank + manifest",
                            formatter_class=_Formatter,
-                           description="Write <compiled-model-path>/weights/tp{rank}_sharded_checkpoint.safetensors and a "
-                                       "manifest of what they were made from. Interrupted runs resume: valid rank "
+                           description="Write <compiled-model-path>/weights/tp{rank}_sharded_checkpoint"
+                                       ".safetensors and a manifest of what they were made from. Interrupted runs resume: valid rank "
                                        "files are kept, missing or partial ones are written again.")
     _add(shard, "--model-path", default=None, help="HF checkpoint directory (default: the bundled SmolLM2)")
     _add(shard, "--tp-degree", type=int, default=2, help="tensor-parallel degree")
@@ -109,8 +109,9 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
     model_path = args.model_path or str(bundled_model_dir())
     plan = resolve_plan(load_config(model_path).family, args.sharding_config, args.overrides)
+    local = args.local_ranks_size or args.tp_degree - args.start_rank_id
     logging.getLogger("shardwise").info("Sharding weights for ranks: %d...%d", args.start_rank_id,
-                                        args.start_rank_id + (args.local_ranks_size or args.tp_degree - args.start_rank_id) - 1)
+                                        args.start_rank_id + local - 1)
     stats = preshard(model_path, args.compiled_model_path, args.tp_degree, args.torch_dtype, plan,
                      args.start_rank_id, args.local_ranks_size, progress=sys.stderr.isatty())
     logging.getLogger("shardwise").info("Done sharding weights in %.3f seconds", stats.seconds)
@@ -142,7 +143,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run(opts)
     if result.texts:
         print(f"\nLoad {result.load_seconds:.2f} s (sharding {result.shard_seconds:.2f} s); "
-              f"prefill {result.prefill_tokens_per_second:.1f} tok/s; decode {result.decode_tokens_per_second:.1f} tok/s")
+              f"prefill {result.prefill_tokens_per_second:.1f} tok/s; "
+              f"decode {result.decode_tokens_per_second:.1f} tok/s")
     return 0
 
 

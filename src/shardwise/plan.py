@@ -20,7 +20,7 @@ import yaml
 
 from .errors import ShardwiseError
 
-AxisEntry = Union[str, tuple[str, ...], None]
+AxisEntry = Union[str, tuple[str, ...], None]  # noqa: UP007 (a runtime alias; `|` needs 3.10 types)
 Spec = tuple[AxisEntry, ...]
 
 
@@ -129,7 +129,8 @@ def _parse(data: object, source: str, required: bool = True) -> Plan:
     if not isinstance(body, dict):
         raise ShardwiseError(f"{source}: `sharding` must map names to partition specs")
     rules = tuple(
-        Rule(str(name), parse_spec(spec, f"{source}: {name}"), required) for name, spec in body.items() if name != "mesh"
+        Rule(str(name), parse_spec(spec, f"{source}: {name}"), required)
+        for name, spec in body.items() if name != "mesh"
     )
     units = tuple((str(k), tuple(v)) for k, v in (data.get("units") or {}).items())
     axes = tuple(mesh.get("axes", ("tensor",))) if isinstance(mesh, dict) else ("tensor",)

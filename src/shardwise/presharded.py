@@ -306,7 +306,8 @@ def check_presharded(compiled: str | Path, tp_degree: int, dtype: str | torch.dt
         plan = plan or _plan_from_dict(manifest["plan"])
         tensors = {n: (tuple(s), d) for n, (s, d) in manifest["tensors"].items()}
         layout = compute_layout(tensors, config, plan, Mesh.tensor_parallel(tp_degree))
-        expected = {**manifest, "plan_sha256": _digest(_plan_dict(plan)), "dtype": str(torch_dtype).replace("torch.", ""),
+        expected = {**manifest, "plan_sha256": _digest(_plan_dict(plan)),
+                    "dtype": str(torch_dtype).replace("torch.", ""),
                     "mesh": {"axes": list(layout.mesh.axis_names), "sizes": list(layout.mesh.axis_sizes)}}
     return manifest, _differences(manifest, expected)
 
