@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     shard = sub.add_parser("shard", help="pre-shard a checkpoint: one safetensors file per rank + manifest",
                            formatter_class=_Formatter,
                            description="Write <compiled-model-path>/weights/tp{rank}_sharded_checkpoint"
-                                       ".safetensors and a manifest of what they were made from. Interrupted runs resume: valid rank "
-                                       "files are kept, missing or partial ones are written again.")
+                                       ".safetensors and a manifest of what they were made from. "
+                                       "Interrupted runs resume: valid rank files are kept, "
+                                       "missing or partial ones are written again.")
     _add(shard, "--model-path", default=None, help="HF checkpoint directory (default: the bundled SmolLM2)")
     _add(shard, "--tp-degree", type=int, default=2, help="tensor-parallel degree")
     _add(shard, "--torch-dtype", default="auto", help="dtype of the written shards (auto = config's)")
