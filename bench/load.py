@@ -231,21 +231,29 @@ def read_bandwidth(files: list[Path], streams: int) -> tuple[float, int]:
     return sum(totals) / seconds / GB, sum(totals)
 
 
-def machine_limits(files: list[Path], repeats: int, cold_repeats: int) -> dict:
-    out: dict = {"cores": os.cpu_count(), "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-                                                          / (1 << 30), 1),
-                 "cpu": platform.processor() or platform.machine(), "kernel": platform.release()}
+def machine_sample(files: list[Path]) -> dict:
+    """One sample of the machine's limits: page-cache and cold-disk readinto bandwidth, 1 and 2 streams."""
+    out: dict = {}
     warm(files)
     for streams in (1, 2):
-        runs = [read_bandwidth(files, streams)[0] for _ in range(repeats)]
-        out[f"page_cache_gbps_{streams}stream"] = {"median": statistics.median(runs), "runs": runs}
+        out[f"page_cache_gbps_{streams}stream"] = read_bandwidth(files, streams)[0]
     for streams in (1, 2):
-        runs, left = [], []
-        for _ in range(cold_repeats):
-            left.append(evict(files))
-            runs.append(read_bandwidth(files, streams)[0])
-        out[f"cold_disk_gbps_{streams}stream"] = {"median": statistics.median(runs), "runs": runs,
-                                                  "resident_after_evict": left}
+        out[f"resident_after_evict_{streams}stream"] = evict(files)
+        out[f"cold_disk_gbps_{streams}stream"] = read_bandwidth(files, streams)[0]
+    return out
+
+
+def machine_limits(samples: list[dict]) -> dict:
+    out: dict = {"cores": os.cpu_count(), "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                                                          / (1 << 30), 1),
+                 "cpu": platform.processor() or platform.machine(), "kernel": platform.release(), "samples": samples}
+    for kind in ("page_cache", "cold_disk"):
+        for streams in (1, 2):
+            runs = [x[f"{kind}_gbps_{streams}stream"] for x in samples]
+            entry = {"median": statistics.median(runs), "runs": runs}
+            if kind == "cold_disk":
+                entry["resident_after_evict"] = [x[f"resident_after_evict_{streams}stream"] for x in samples]
+            out[f"{kind}_gbps_{streams}stream"] = entry
     out["page_cache_gbps"] = max(out["page_cache_gbps_1stream"]["median"], out["page_cache_gbps_2stream"]["median"])
     out["cold_disk_gbps"] = max(out["cold_disk_gbps_1stream"]["median"], out["cold_disk_gbps_2stream"]["median"])
     return out
@@ -420,22 +428,43 @@ def run_ranks(method: str, world: int, ckpt: Path, compiled: Path, threads: int,
                    TOKENIZERS_PARALLELISM="false")
         script = [str(Path(__file__).resolve()), "_rank", "--method", method, "--ckpt", str(ckpt), "--compiled",
                   str(compiled), "--out-dir", out_dir, "--threads", str(threads), "--world", str(world)]
-        if method == "hf_tp":
+        start = time.perf_counter()
+        if method == "hf_tp":  # transformers' TP wants torchrun
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
                    "--master-port", str(_free_port()), *script]
-        else:
-            cmd = [sys.executable, *script, "--spawn"]
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout} s"}
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return {"error": f"timed out after {timeout} s"}
+            rc, text = proc.returncode, proc.stderr + proc.stdout
+        else:  # the rank processes themselves, with torchrun's variables: shardwise.parallel.launch's torchrun path
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+                       LOCAL_WORLD_SIZE=str(world))
+            logs = [tempfile.TemporaryFile(mode="w+") for _ in range(world)]
+            procs = [subprocess.Popen([sys.executable, *script, "--launch"], env=dict(env, RANK=str(r),
+                                      LOCAL_RANK=str(r)), stdout=logs[r], stderr=subprocess.STDOUT, text=True)
+                     for r in range(world)]
+            deadline, rc = time.monotonic() + timeout, 0
+            while any(p.poll() is None for p in procs):
+                if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+                    time.sleep(2 if time.monotonic() <= deadline else 0)
+                    for p in procs:  # our own children, by handle
+                        if p.poll() is None:
+                            p.kill()
+                    break
+                time.sleep(0.05)
+            rc = max(abs(p.wait()) for p in procs)
+            text = ""
+            for f in logs:
+                f.seek(0)
+                text += f.read()
+                f.close()
         wall = time.perf_counter() - start
         ranks = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("rank*.json"))]
-        if proc.returncode != 0 or len(ranks) != world:
-            lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        if rc != 0 or len(ranks) != world:
+            lines = [ln for ln in text.splitlines() if ln.strip()]
             errs = [ln for ln in lines if "Error" in ln or "error" in ln]
-            return {"error": (errs[-1] if errs else (lines[-1] if lines else f"exit {proc.returncode}"))[:500],
+            return {"error": (errs[-1] if errs else (lines[-1] if lines else f"exit {rc}"))[:500],
                     "stderr_tail": "\n".join(lines[-40:])}
         return {"seconds": max(r["seconds"] for r in ranks), "process_wall_s": wall, "ranks": ranks}
 
@@ -448,7 +477,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_entry(args: argparse.Namespace) -> None:
+def launch_entry(args: argparse.Namespace) -> None:
     from shardwise.parallel.launch import launch
 
     launch(rank_measure, args.world, (args.method, args.ckpt, args.compiled, args.out_dir, args.threads))
@@ -549,13 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint {ckpt}: {need['files'] / GB:.2f} GB in {len(files)} files; each rank needs "
           f"{[round(b / GB, 3) for b in need['per_rank']]} GB", flush=True)
 
-    print("machine limits: page-cache and cold-disk read bandwidth...", flush=True)
-    machine = machine_limits(files, repeats=max(3, args.repeats), cold_repeats=max(1, min(args.repeats, 2)))
-    print(f"  page cache {machine['page_cache_gbps']:.2f} GB/s, cold disk {machine['cold_disk_gbps']:.2f} GB/s",
-          flush=True)
-
     unavailable = presharded_available()
-    results: dict = {"machine": machine, "needed_bytes": need, "tp": args.tp, "threads": args.threads,
+    results: dict = {"needed_bytes": need, "tp": args.tp, "threads": args.threads,
                      "config": str(args.config), "checkpoint": str(ckpt), "repeats": args.repeats,
                      "torch": torch.__version__, "methods": {}, "date_utc": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                          time.gmtime())}
@@ -589,7 +613,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rank_methods = [m for m in RANK_METHODS if m in methods and m not in results["methods"]]
     raw: dict[str, dict[str, list]] = {m: {mode: [] for mode in modes} for m in rank_methods}
+    samples = []
     for rep in range(args.repeats):
+        samples.append(machine_sample(files))  # the machine's limits, measured between the methods
+        print(f"  [{rep + 1}/{args.repeats}] machine: " + ", ".join(f"{k} {v:.2f}" for k, v in samples[-1].items()),
+              flush=True)
         for mode in modes:
             for m in rank_methods:
                 fs = pre_files if m == "presharded" else files
@@ -607,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in list(rank_methods):
                 if all("error" in r for md in modes for r in raw[m][md]) and rep == 0:
                     rank_methods.remove(m)
+    results["machine"] = machine_limits(samples)
     for m in raw:
         results["methods"][m] = {mode: summarize(raw[m][mode], need, args.tp) for mode in modes}
         for mode in modes:
@@ -650,7 +679,8 @@ def ratios_and_targets(results: dict, modes: list[str]) -> tuple[dict, list[dict
                     r[f"{peer}_s / shard_on_load_s"] = s / ours
             gbps = _get(results, "shard_on_load", mode, "gbps")
             r["shard_on_load GB/s / page-cache GB/s"] = gbps / pc
-            r["shard_on_load GB/s / cold-disk GB/s"] = gbps / disk
+            if mode == "cold":
+                r["shard_on_load GB/s / cold-disk GB/s"] = gbps / disk
             pw = _get(results, "preshard_write", "")
             if pw:
                 r["preshard_write_s / shard_on_load_s"] = pw / ours
@@ -710,6 +740,7 @@ def _fmt(v, spec: str = ".2f", none: str = "n/a") -> str:
 
 def render_section(results: dict, modes: list[str], chart: Path, docs: Path) -> str:
     mach, need = results["machine"], results["needed_bytes"]
+    left = max(x for k in ("cold_disk_gbps_1stream", "cold_disk_gbps_2stream") for x in mach[k]["resident_after_evict"])
     lines = [SECTION, ""]
     lines.append(
         f"Measured {results['date_utc']} by `python bench/load.py` (repeats {results['repeats']}, median; "
@@ -723,11 +754,12 @@ def render_section(results: dict, modes: list[str], chart: Path, docs: Path) -> 
     lines.append("")
     lines.append(
         f"**Machine**: {mach['cores']} cores, {mach['ram_gib']} GiB RAM, kernel {mach['kernel']}. "
-        f"Page-cache read bandwidth (large `readinto` into a pre-touched buffer): "
+        f"Page-cache read bandwidth (large `readinto` into a pre-touched buffer; median of one sample per "
+        f"repeat, taken between the methods): "
         f"{mach['page_cache_gbps_1stream']['median']:.2f} GB/s with 1 stream, "
         f"{mach['page_cache_gbps_2stream']['median']:.2f} GB/s with 2. "
         f"Cold-disk read bandwidth after `posix_fadvise(DONTNEED)` (eviction verified with `mincore`: "
-        f"{max(mach['cold_disk_gbps_1stream']['resident_after_evict']):.1%} of pages left resident): "
+        f"{left:.1%} of pages left resident): "
         f"{mach['cold_disk_gbps_1stream']['median']:.2f} GB/s with 1 stream, "
         f"{mach['cold_disk_gbps_2stream']['median']:.2f} GB/s with 2. "
         "Other processes share these cores, so absolute times are noisy; every figure below was measured in "
@@ -775,8 +807,9 @@ def render_section(results: dict, modes: list[str], chart: Path, docs: Path) -> 
                  "rank counts. GB/s: bytes the ranks need (their slices) / seconds. Bytes read: shardwise "
                  "`LoadStats.bytes_read`; `load_file` reads whole files; DCP reads its slices; HF n/a. Disk reads: "
                  "`/proc/self/io` `read_bytes` (cold runs; page cache is shared, so a page one rank fetched is free "
-                 "for the other). Peak RSS: `VmHWM` of each rank process (includes torch's own ~0.3 GiB and "
-                 "file-backed mapped pages).")
+                 "for the other). Peak RSS: `VmHWM` of each rank process, which includes the process "
+                 "before loading (interpreter, torch, gloo: the RSS-before column) and file pages mapped while "
+                 "loading.")
     lines.append("")
     lines.append("**Ratios**")
     lines.append("")
@@ -850,10 +883,10 @@ def _rank_main(argv: list[str]) -> None:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--spawn", action="store_true", help="spawn the ranks with shardwise.parallel.launch")
+    ap.add_argument("--launch", action="store_true", help="this process is one rank: shardwise.parallel.launch")
     args = ap.parse_args(argv)
-    if args.spawn:
-        spawn_entry(args)
+    if args.launch:
+        launch_entry(args)
     else:
         torchrun_entry(args)
 
