@@ -598,7 +598,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--chart", type=Path, default=ROOT / "docs" / "load_benchmark.png")
     ap.add_argument("--no-docs", action="store_true", help="write the JSON only")
+    ap.add_argument("--from-json", type=Path, help="only re-render docs and chart from a saved results JSON")
     args = ap.parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        modes = [m for m in ("warm", "cold") if m in results["ratios"]]
+        write_chart(results, modes, args.chart)
+        write_docs(results, modes, args.docs, args.chart)
+        print(f"wrote {args.docs} and {args.chart} from {args.from_json}")
+        return 0
 
     t_start = time.perf_counter()
     name = args.config.parent.name if args.config.name == "config.json" else args.config.stem
@@ -852,7 +860,10 @@ def render_section(results: dict, modes: list[str], chart: Path, docs: Path) -> 
                  "rank counts. GB/s: bytes the ranks need (their slices) / seconds. Bytes read: shardwise "
                  "`LoadStats.bytes_read`; `load_file` reads whole files; DCP reads its slices; HF n/a. Disk reads: "
                  "`/proc/self/io` `read_bytes` (cold runs; page cache is shared, so a page one rank fetched is free "
-                 "for the other). Peak RSS: `VmHWM` of each rank process, which includes the process "
+                 "for the other). `load_file` + slice and DCP split column-parallel weights (and the embedding) "
+                 "on dim 0 and row-parallel ones on dim 1: the same slices as shardwise's layout for this model "
+                 "at TP 2 (checked equal for `load_file`). HF's time includes building its model, as a user "
+                 "of `from_pretrained` pays it. Peak RSS: `VmHWM` of each rank process, which includes the process "
                  "before loading (interpreter, torch, gloo: the RSS-before column) and file pages mapped while "
                  "loading.")
     lines.append("")
