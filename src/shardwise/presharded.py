@@ -368,7 +368,7 @@ def load_presharded_state(
         finally:
             reader.close()
         held = sum(t.numel() * t.element_size() for t in state.values())
-        return state, LoadStats(time.perf_counter() - start, reader.bytes_read, held)
+        return state, LoadStats(time.perf_counter() - start, reader.bytes_read, held, reader.bytes_fetched)
     return _reslice(manifest, files, rank, tp_degree, old_world, torch_dtype, start)
 
 
@@ -405,7 +405,8 @@ def _reslice(manifest, files, rank, tp_degree, old_world, dtype, start) -> tuple
         for r in readers:
             r.close()
     held = sum(v.numel() * v.element_size() for v in state.values())
-    return state, LoadStats(time.perf_counter() - start, sum(r.bytes_mapped for r in readers), held)
+    return state, LoadStats(time.perf_counter() - start, sum(r.bytes_fetched for r in readers), held,
+                            sum(r.bytes_fetched for r in readers))
 
 
 def _copy_overlaps(out: torch.Tensor, dim: int, wanted, old_tensor, readers, name: str) -> None:
