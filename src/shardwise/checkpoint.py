@@ -306,11 +306,12 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 _SCRATCH = threading.local()
 
 
-def _scratch(nbytes: int) -> torch.Tensor:
-    """This thread's reusable read buffer (allocated once, so its pages are faulted in once)."""
-    buf = getattr(_SCRATCH, "buf", None)
+def _scratch(nbytes: int, slot: str = "read") -> torch.Tensor:
+    """This thread's reusable buffer for ``slot`` (allocated once, so its pages are faulted in once)."""
+    buf = getattr(_SCRATCH, slot, None)
     if buf is None or buf.numel() < nbytes:
-        buf = _SCRATCH.buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        setattr(_SCRATCH, slot, buf)
     return buf
 
 

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
                        help="override one plan rule")
     _add_preshard_flags(shard, required=True)
+    shard.add_argument("--fsync", action="store_true",
+                       help="fsync each rank file before it is renamed into place (survives power loss; slower)")
 
     conv = sub.add_parser("convert", help="convert a GGUF file to an HF safetensors checkpoint",
                           formatter_class=_Formatter,
@@ -114,7 +116,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     logging.getLogger("shardwise").info("Sharding weights for ranks: %d...%d", args.start_rank_id,
                                         args.start_rank_id + local - 1)
     stats = preshard(model_path, args.compiled_model_path, args.tp_degree, args.torch_dtype, plan,
-                     args.start_rank_id, args.local_ranks_size, progress=sys.stderr.isatty())
+                     args.start_rank_id, args.local_ranks_size, progress=sys.stderr.isatty(), durable=args.fsync)
     logging.getLogger("shardwise").info("Done sharding weights in %.3f seconds", stats.seconds)
     print(f"wrote ranks {stats.ranks_written or 'none'}, kept valid ranks {stats.ranks_skipped or 'none'}: "
           f"{stats.bytes_written / 1e6:.1f} MB in {stats.seconds:.2f} s")

@@ -31,7 +31,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPE_NAMES, CheckpointSource, SliceReader, read_header
+from .checkpoint import (
+    DTYPE_NAMES,
+    DTYPES,
+    Arena,
+    CheckpointSource,
+    SliceReader,
+    _bytes_of,
+    _pread_exact,
+    _scratch,
+    read_header,
+)
 from .config import ModelConfig, config_from_dict, load_config
 from .engine import check_tp_degree, resolve_dtype
 from .errors import ShardwiseError
@@ -180,7 +190,7 @@ def rank_file_valid(path: Path, key: str) -> bool:
 
 
 def _write_rank(path: Path, reader: SliceReader, layout: Layout, rank: int, dtype: torch.dtype, key: str,
-                threads: int) -> int:
+                threads: int, durable: bool) -> int:
     """Stream one rank's shard into a safetensors file: one tensor in memory per writer thread."""
     items = [(n, t) for n, t in sorted(layout.tensors.items()) if t.source == n]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -205,9 +215,15 @@ def _write_rank(path: Path, reader: SliceReader, layout: Layout, rank: int, dtyp
 
         def write_one(item):
             name, t = item
-            tensor = reader.read(t.source, t.shards[rank], dtype).contiguous()
-            data = tensor.view(-1).view(torch.uint8).numpy()
-            start = base + header[name]["data_offsets"][0]
+            shard = t.shards[rank]
+            begin, end = header[name]["data_offsets"]
+            # A reused per-thread buffer: no fresh pages to fault in for every tensor.
+            buf = _scratch(end - begin, "write")[: end - begin]
+            if shard.has_padding:
+                buf.zero_()
+            tensor = reader.read(t.source, shard, dtype, buf.view(dtype) if end > begin else None)
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            start = base + begin
             view = memoryview(data)
             while len(view):
                 written = os.pwrite(fd, view, start)
@@ -215,7 +231,8 @@ def _write_rank(path: Path, reader: SliceReader, layout: Layout, rank: int, dtyp
 
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             list(pool.map(write_one, items))
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
@@ -235,11 +252,16 @@ def preshard(
     local_ranks: int | None = None,
     threads: int = 4,
     progress: bool = False,
+    durable: bool = False,
 ) -> PreshardStats:
     """Write the rank files for ranks ``start_rank .. start_rank+local_ranks-1`` (all by default).
 
     Valid files from an earlier (possibly interrupted) run are kept; missing or invalid ones are
     written. Each node of a multi-node job can pre-shard its own ranks into a shared directory.
+
+    A killed process never leaves a file that loads (files are renamed into place when complete, and
+    a file whose size or key is off is rejected). ``durable=True`` also fsyncs each file before the
+    rename, for power loss; it costs a full write to disk, often more than the rest of the work.
     """
     start_time = time.perf_counter()
     config = load_config(model_path)
@@ -267,7 +289,7 @@ def preshard(
                 skipped.append(rank)
                 continue
             t0 = time.perf_counter()
-            nbytes += _write_rank(path, reader, layout, rank, torch_dtype, manifest["key"], threads)
+            nbytes += _write_rank(path, reader, layout, rank, torch_dtype, manifest["key"], threads, durable)
             written.append(rank)
             if progress or log.isEnabledFor(logging.INFO):
                 log.info("Wrote %s in %.2f seconds", path.name, time.perf_counter() - t0)
@@ -361,26 +383,27 @@ def load_presharded_state(
     torch_dtype = resolve_dtype(manifest["dtype"] if dtype == "auto" else dtype, config_from_dict(manifest["config"]))
     files = [rank_file(compiled, r) for r in range(old_world)]
     if not tp_changed:
-        source = CheckpointSource(compiled / WEIGHTS, files=[files[rank]])
-        reader = SliceReader(source)
-        try:
-            state = _read_whole(reader, source, torch_dtype, threads)
-        finally:
-            reader.close()
-        held = sum(t.numel() * t.element_size() for t in state.values())
-        return state, LoadStats(time.perf_counter() - start, reader.bytes_read, held, reader.bytes_fetched)
+        return _read_rank_file(files[rank], torch_dtype, start)
     return _reslice(manifest, files, rank, tp_degree, old_world, torch_dtype, start)
 
 
-def _read_whole(reader: SliceReader, source: CheckpointSource, dtype: torch.dtype, threads: int):
-    from .layout import Segment, ShardSlice
-
-    def whole(name):
-        info = source.tensors[name]
-        return reader.read(name, ShardSlice(tuple((Segment(0, d),) for d in info.shape)), dtype)
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        return dict(zip(source.tensors, pool.map(whole, source.tensors)))
+def _read_rank_file(path: Path, dtype: torch.dtype, start: float) -> tuple[dict[str, torch.Tensor], LoadStats]:
+    """A rank file is exactly the rank's shard: read its data in one go into an arena, carve views."""
+    infos = read_header(path)
+    begin = min((i.begin for i in infos.values()), default=0)
+    end = max((i.end for i in infos.values()), default=begin)
+    data = Arena(Arena.size_of((end - begin,), torch.uint8)).take((end - begin,), torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _pread_exact(fd, _bytes_of(data), begin)
+    finally:
+        os.close(fd)
+    state = {}
+    for name, info in infos.items():
+        raw = data[info.begin - begin : info.end - begin].view(DTYPES[info.dtype]).view(info.shape)
+        state[name] = raw if raw.dtype == dtype else raw.to(dtype)
+    held = sum(t.numel() * t.element_size() for t in state.values())
+    return state, LoadStats(time.perf_counter() - start, end - begin, held, end - begin)
 
 
 def _reslice(manifest, files, rank, tp_degree, old_world, dtype, start) -> tuple[dict, LoadStats]:
