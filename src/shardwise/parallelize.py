@@ -15,7 +15,7 @@ from .errors import ShardwiseError
 from .layout import Layout, TensorLayout
 from .parallel.comm import Collectives
 from .parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
-from .plan import Rule
+from .plan import TENSOR_AXIS, Rule
 
 
 def _output_replicated(layout: Layout, module_name: str) -> bool:
@@ -29,7 +29,7 @@ def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, 
     shard = t.shards[rank]
     bias = module.bias is not None
     if t.split_dims == (0,):
-        gather = _output_replicated(layout, name)
+        gather = name == layout.output or _output_replicated(layout, name)
         return ColumnParallelLinear(
             module.in_features, module.out_features, bias=bias, gather_output=gather, comm=comm,
             local_out_features=shard.local_shape[0],
@@ -41,6 +41,15 @@ def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, 
             local_in_features=shard.local_shape[1], device="meta",
         )
     raise ShardwiseError(f"{name}: splitting a linear weight along dims {t.split_dims} is not supported")
+
+
+def check_runtime(layout: Layout) -> None:
+    """Refuse layouts the layout language allows but this runtime cannot run yet (2-D meshes)."""
+    extra = [f"{a}={n}" for a, n in zip(layout.mesh.axis_names, layout.mesh.axis_sizes) if a != TENSOR_AXIS and n > 1]
+    if extra:
+        raise ShardwiseError(f"the mesh {layout.mesh.describe()} splits over {', '.join(extra)}: `shardwise plan` "
+                             "accepts it, but running it needs the fsdp all-gather, which is not implemented yet; "
+                             "run with the 'tensor' axis only")
 
 
 def parallelize(model: nn.Module, layout: Layout, rank: int, comm: Collectives) -> nn.Module:
