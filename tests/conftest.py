@@ -40,3 +40,22 @@ def tiny_checkpoint(tmp_path_factory):
     model.save_pretrained(path, max_shard_size="20KB")
     assert json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     return path
+
+
+def save_word_tokenizer(path, vocab_size: int) -> None:
+    """A whitespace word-level tokenizer over ``w3 .. w{vocab_size-1}`` (ids 0-2: unk, bos, eos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_checkpoint):
+    """The tiny checkpoint plus a tokenizer, so `shardwise run` can drive it end to end."""
+    save_word_tokenizer(tiny_checkpoint, TINY["vocab_size"])
+    return tiny_checkpoint

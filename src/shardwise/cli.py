@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Load a checkpoint across --tp-degree ranks (shard-on-load) and generate text.")
     _add(run, "--model-path", default=None,
          help="HF checkpoint directory (config.json + safetensors); default: the bundled SmolLM2-135M-Instruct")
-    _add(run, "--tp-degree", type=int, default=2, help="tensor-parallel degree: number of ranks")
+    _add(run, "--tp-degree", type=int, default=None,
+         help="tensor-parallel degree: number of ranks (default 2, or the partition config's device count)")
     _add(run, "--torch-dtype", default="auto", help="dtype to cast weights to while loading (auto = config's)")
     _add(run, "--batch-size", type=int, default=1, help="prompts generated together")
     _add(run, "--max-context-length", type=int, default=1024, help="longest prompt accepted, in tokens")
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
                      help="override one plan rule, e.g. 'model.layers.*.mlp.up_proj.weight=[tensor,null]'")
     _add(run, "--device", default="cpu", help="cpu, or cuda (one GPU per rank, NCCL)")
+    _add(run, "--partition-config", default=None,
+         help="device partition config JSON (Cloud AI 100 form): its devices are the ranks, numCores their threads")
+    _add(run, "--partition", default=None, help="partition to use when the partition config has several")
 
     conv = sub.add_parser("convert", help="convert a GGUF file to an HF safetensors checkpoint",
                           formatter_class=_Formatter,
@@ -85,7 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         chat_template=not args.no_chat_template, check_accuracy_mode=args.check_accuracy_mode,
         benchmark=args.benchmark, benchmark_iterations=args.benchmark_iterations, output_dir=args.output_dir,
         sharding_config=args.sharding_config, overrides=args.overrides, device=args.device,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty(), partition_config=args.partition_config, partition=args.partition,
     )
     result = run(opts)
     if result.texts:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -50,8 +50,9 @@ def default_backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def _rank_entry(rank: int, fn: Worker, world: int, port: int, backend: str, threads: int, args: tuple) -> None:
-    torch.set_num_threads(threads)
+def _rank_entry(rank: int, fn: Worker, world: int, port: int, backend: str, threads: Sequence[int],
+                args: tuple) -> None:
+    torch.set_num_threads(threads[rank])
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=COLLECTIVE_TIMEOUT)
     try:
@@ -60,14 +61,21 @@ def _rank_entry(rank: int, fn: Worker, world: int, port: int, backend: str, thre
         dist.destroy_process_group()
 
 
-def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo") -> None:
-    """Run ``fn(rank, world_size, *args)`` on every rank; returns when all ranks have finished."""
+def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo",
+           threads: Sequence[int] | None = None) -> None:
+    """Run ``fn(rank, world_size, *args)`` on every rank; returns when all ranks have finished.
+
+    ``threads`` gives each rank's torch thread count (e.g. ``numCores`` from a partition config);
+    by default the usable cores are shared evenly among the local ranks.
+    """
+    if threads is not None and (len(threads) != world_size or min(threads) < 1):
+        raise ShardwiseError(f"threads per rank {list(threads)} must give each of the {world_size} ranks at least 1")
     if under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != world_size:
             raise ShardwiseError(f"torchrun started {world} ranks but --tp-degree is {world_size}")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(threads_per_rank(local))
+        torch.set_num_threads(threads[rank] if threads is not None else threads_per_rank(local))
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         try:
             fn(rank, world, *args)
@@ -75,9 +83,11 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo")
             dist.destroy_process_group()
         return
     if world_size == 1:
+        if threads is not None:
+            torch.set_num_threads(threads[0])
         fn(0, 1, *args)
         return
-    threads = threads_per_rank(world_size)
+    threads = tuple(threads) if threads is not None else (threads_per_rank(world_size),) * world_size
     try:
         mp.start_processes(_rank_entry, args=(fn, world_size, _free_port(), backend, threads, args),
                            nprocs=world_size, start_method="spawn", join=True)
