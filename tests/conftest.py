@@ -14,6 +14,12 @@ TINY = dict(
 
 
 @pytest.fixture
+def tiny_raw():
+    """The tiny model's config.json contents."""
+    return dict(TINY)
+
+
+@pytest.fixture
 def tiny_config():
     from shardwise.config import config_from_dict
 

@@ -16,8 +16,6 @@ from shardwise.errors import ShardwiseError
 from shardwise.loader import load_rank_state
 from shardwise.planner import Collective, plan_model, state_dict_shapes
 
-from conftest import TINY  # noqa: E402  (tests/ is on sys.path under pytest)
-
 CONFIGS = Path("/work/shared/configs")
 
 
@@ -27,10 +25,10 @@ def test_state_dict_shapes_match_a_real_checkpoint(tiny_checkpoint, tiny_config)
 
 @pytest.mark.parametrize("extra", [{"tie_word_embeddings": False}, {"attention_bias": True, "mlp_bias": True},
                                    {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}])
-def test_state_dict_shapes_match_transformers(extra):
+def test_state_dict_shapes_match_transformers(tiny_raw, extra):
     import transformers
 
-    raw = {**TINY, **extra}
+    raw = {**tiny_raw, **extra}
     cls = getattr(transformers, raw["architectures"][0])
     cfg_cls = getattr(transformers, raw["architectures"][0].replace("ForCausalLM", "Config"))
     kwargs = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "torch_dtype")}
@@ -88,9 +86,9 @@ def test_param_and_kv_bytes_equal_a_real_two_rank_run(tiny_checkpoint, tmp_path)
     assert report.ranks[1].kv_cache_bytes == 2 * 8 * 2 * 2 * 2 * 10 * 4
 
 
-def test_collectives_per_token(tiny_config, tmp_path):
+def test_collectives_per_token(tiny_raw, tmp_path):
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg.write_text(json.dumps(tiny_raw))
     report = plan_model(cfg, tp_degree=4, batch_size=3, torch_dtype="bfloat16")
     kinds = {(c.kind, c.what.split(":")[0]): c for c in report.collectives}
     assert kinds[("all-reduce", "model.layers.*.self_attn.o_proj")].count == 2
@@ -133,9 +131,9 @@ def test_kv_cache_counts_replicated_kv_heads_for_405b():
     assert 800e9 < full < 820e9  # 405B parameters in bf16
 
 
-def test_planner_errors(tmp_path):
+def test_planner_errors(tiny_raw, tmp_path):
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg.write_text(json.dumps(tiny_raw))
     with pytest.raises(ShardwiseError, match="exceeds the model's 9 attention heads"):
         plan_model(cfg, tp_degree=16)
     with pytest.raises(ShardwiseError, match="--torch-dtype 'int3'"):
@@ -147,9 +145,9 @@ def test_planner_errors(tmp_path):
         plan_model(cfg, tp_degree=2, overrides=["model.layers.*.self_attn.o_proj_weight=[null,tensor]"])
 
 
-def test_cli_plan_text_and_json(tmp_path, capsys):
+def test_cli_plan_text_and_json(tiny_raw, tmp_path, capsys):
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg.write_text(json.dumps(tiny_raw))
     assert main(["plan", "--model-path", str(cfg), "--tp-degree", "2", "--device-memory-gib", "1"]) == 0
     out = capsys.readouterr().out
     assert "mesh tensor=2" in out and "Fits: yes" in out and "row-parallel output, summed" in out
