@@ -306,3 +306,20 @@ def test_builtin_plan_files_parse_and_cover_the_family(tiny_config, tiny_shapes)
     layout = layout_of(tiny_shapes, tiny_config, plan, 3)
     assert set(layout.uncovered) == {n for n in tiny_shapes if "norm" in n}
     assert layout.tensors["lm_head.weight"].source == "model.embed_tokens.weight"
+
+
+def test_documented_fsdp_tp_example(tiny_config, tiny_shapes):
+    from pathlib import Path
+
+    from shardwise.parallelize import check_runtime
+
+    example = Path(__file__).resolve().parents[1] / "docs/plans/llama-fsdp-tp.yaml"
+    plan = resolve_plan("llama", example)
+    layout = layout_of(tiny_shapes, tiny_config, plan)
+    assert layout.mesh == Mesh(("fsdp", "tensor"), (2, 4)) and not layout.uncovered
+    up = layout.tensors["model.layers.0.mlp.up_proj.weight"]
+    assert [s.local_shape for s in up.shards] == [(24, 36)] * 8
+    norm = layout.tensors["model.norm.weight"]
+    assert [s.dims[0][0].start for s in norm.shards] == [0, 0, 0, 0, 36, 36, 36, 36]  # fsdp is the outer axis
+    with pytest.raises(ShardwiseError, match="splits over fsdp=2: `shardwise plan` accepts it, but running it"):
+        check_runtime(layout)

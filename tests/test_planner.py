@@ -97,10 +97,13 @@ def test_collectives_per_token(tiny_raw, tmp_path):
     assert kinds[("all-reduce", "model.embed_tokens")].bytes == 3 * 72 * 2
     lm = kinds[("all-gather", "lm_head")]
     assert lm.count == 1 and lm.bytes == 3 * 26 * 4 * 2  # 101 rows padded to 4 x 26
-    sent = sum(c.count * c.sent_per_rank(4) for c in report.collectives)
+    assert all(c.group == 4 for c in report.collectives)
+    sent = sum(c.count * c.sent_per_rank() for c in report.collectives)
     assert report.sent_per_rank == pytest.approx(sent)
-    assert Collective("all-reduce", 1, 1000, "x").sent_per_rank(4) == 1500  # 2(N-1)/N
-    assert Collective("all-gather", 1, 1000, "x").sent_per_rank(4) == 750  # (N-1)/N
+    assert Collective("all-reduce", 1, 1000, "x", 4).sent_per_rank() == 1500  # 2(N-1)/N
+    assert Collective("all-gather", 1, 1000, "x", 4).sent_per_rank() == 750  # (N-1)/N
+    ar = Collective("all-reduce", 1, 1000, "x", 4)
+    assert ar.seconds(1e9, 1e-5) == pytest.approx(6 * 1e-5 + 1500 / 1e9)  # 2(N-1) hops
     host, p2p = report.comm_seconds("host"), report.comm_seconds("p2p")
     assert host > p2p > 0
     assert plan_model(cfg, tp_degree=1).collectives == []
@@ -157,3 +160,19 @@ def test_cli_plan_text_and_json(tiny_raw, tmp_path, capsys):
     assert data["per_token"]["link"] == "host"
     assert main(["plan", "--model-path", str(cfg), "--tp-degree", "99"]) == 2
     assert capsys.readouterr().err.startswith("shardwise: error: ")
+
+
+def test_two_d_mesh_rings_per_axis_and_fsdp_gathers(tiny_raw, tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny_raw))
+    example = Path(__file__).resolve().parents[1] / "docs/plans/llama-fsdp-tp.yaml"
+    report = plan_model(cfg, sharding_config=example, batch_size=4, seq_len=16, torch_dtype="float32")
+    one_d = plan_model(cfg, tp_degree=4, batch_size=2, seq_len=16, torch_dtype="float32")
+    assert report.mesh.world_size == 8
+    # The batch is split over fsdp (model.layers.*: [fsdp, ...]): each rank caches 2 of the 4 sequences.
+    assert report.ranks[0].kv_cache_bytes == one_d.ranks[0].kv_cache_bytes
+    by_what = {c.what.split(":")[0]: c for c in report.collectives}
+    assert by_what["model.layers.*.mlp.down_proj"].group == 4  # row-parallel sum over the tensor axis
+    gather = by_what["model.layers.*.mlp.up_proj.weight"]  # stored split over fsdp, gathered each step
+    assert gather.kind == "all-gather" and gather.group == 2 and gather.count == 2
+    assert gather.bytes == 24 * 72 * 4  # this rank's tensor slice (96 / 4 rows), whole along fsdp

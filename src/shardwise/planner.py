@@ -88,22 +88,29 @@ class Links:
 
 @dataclass(frozen=True)
 class Collective:
-    """``count`` calls per generated token of one collective over ``bytes`` (the whole result)."""
+    """``count`` calls per generated token of one collective over ``bytes`` (the whole result).
+
+    ``group`` is the number of ranks in the ring: the ``tensor`` axis for the parallel layers' sums and
+    gathers, the ``fsdp`` (storage) axes for all-gathering weights stored split.
+    """
 
     kind: str  # all-reduce or all-gather
     count: int
     bytes: int
     what: str
+    group: int
 
-    def sent_per_rank(self, n: int) -> float:
+    @property
+    def steps(self) -> int:
+        return 2 * (self.group - 1) if self.kind == "all-reduce" else self.group - 1
+
+    def sent_per_rank(self) -> float:
         """Bytes each rank sends per call in a ring: 2(N-1)/N of the tensor (all-reduce), (N-1)/N (all-gather)."""
-        steps = 2 * (n - 1) if self.kind == "all-reduce" else n - 1
-        return steps * self.bytes / n
+        return self.steps * self.bytes / self.group
 
-    def seconds(self, n: int, bandwidth: float, latency: float) -> float:
+    def seconds(self, bandwidth: float, latency: float) -> float:
         """Ring time per call: one latency per step plus the bytes each rank sends over the link."""
-        steps = 2 * (n - 1) if self.kind == "all-reduce" else n - 1
-        return steps * latency + self.sent_per_rank(n) / bandwidth
+        return self.steps * latency + self.sent_per_rank() / bandwidth
 
 
 @dataclass
@@ -144,15 +151,12 @@ class PlanReport:
         return all(r.fits for r in self.ranks)
 
     def comm_seconds(self, kind: str) -> float:
-        n = self.mesh.world_size
-        if n == 1:
-            return 0.0
         bw, lat = self.links.figures(kind)
-        return sum(c.count * c.seconds(n, bw, lat) for c in self.collectives)
+        return sum(c.count * c.seconds(bw, lat) for c in self.collectives)
 
     @property
     def sent_per_rank(self) -> float:
-        return sum(c.count * c.sent_per_rank(self.mesh.world_size) for c in self.collectives)
+        return sum(c.count * c.sent_per_rank() for c in self.collectives)
 
     def to_dict(self) -> dict:
         return {
@@ -181,17 +185,18 @@ class PlanReport:
             f"{'memory':>10}  fits",
         ]
         for first, last, r in _group_ranks(self.ranks):
-            label = str(first) if first == last else f"{first}-{last}"
-            lines.append(f"{label:<10} {r.device:<8} {_gib(r.param_bytes):>10} {_gib(r.kv_cache_bytes):>10} "
+            label, device = (str(first), r.device) if first == last else (f"{first}-{last}", r.device.split(":")[0])
+            lines.append(f"{label:<10} {device:<8} {_gib(r.param_bytes):>10} {_gib(r.kv_cache_bytes):>10} "
                          f"{_gib(r.activation_bytes):>11} {_gib(r.total_bytes):>10} {_gib(r.memory_bytes):>10}  "
                          f"{'yes' if r.fits else 'NO'}")
         lines += ["", f"Fits: {'yes' if self.fits else 'NO'}", "",
-                  f"Collectives per generated token (batch {self.batch_size}; ring over {n} ranks):"]
-        if n == 1 or not self.collectives:
+                  f"Collectives per generated token (batch {self.batch_size}; rings over the ranks of one axis "
+                  "group):"]
+        if not self.collectives:
             lines.append("  none")
         for c in self.collectives:
-            lines.append(f"  {c.kind:<10} {c.count:>4} x {_size(c.bytes):>10}  {c.what}")
-        if n > 1 and self.collectives:
+            lines.append(f"  {c.kind:<10} {c.count:>4} x {_size(c.bytes):>10} over {c.group:>3} ranks  {c.what}")
+        if self.collectives:
             lk = self.links
             lines += [
                 f"  sent per rank per token: {_size(self.sent_per_rank)} (ring: all-reduce 2(N-1)/N, "
@@ -211,7 +216,9 @@ ACTIVATION_NOTE = (
     "Activations: the prefill of batch x seq_len tokens through one layer at a time (inference keeps no "
     "autograd state): hidden states (4 x hidden), this rank's q/k/v columns and MLP intermediate (3 x), "
     "attention scores batch x local heads x seq_len^2 and the boolean mask, in the compute dtype; plus "
-    "float32 logits of the last position (local and gathered). Fused attention kernels need less.")
+    "float32 logits of the last position (local and gathered); plus, with weights stored split over fsdp, one "
+    "decoder layer's weights gathered. Fused attention kernels need less. A batch split over fsdp by the "
+    "plan's model.layers.* rule counts per rank.")
 
 
 def _gib(n: float) -> str:
@@ -330,17 +337,29 @@ def plan_model(
         memory = [total // n] * n
         memory_source = f"this machine's RAM ({total / GIB:.1f} GiB MemTotal in /proc/meminfo) / {n} ranks"
     devices = [f"cuda:{i}" for i in (device_ids or range(n))] if cuda else ["cpu"] * n
+    batch = _local_batch(layout, batch_size)
     ranks = []
     for r in range(n):
         params = layout.rank_bytes(r, itemsize)
         kv_rows = sum(_rows(layout, f"model.layers.{i}.self_attn.{p}.weight", r)
                       for i in range(config.num_layers) for p in ("k_proj", "v_proj"))
-        kv = batch_size * seq_len * kv_rows * itemsize
-        ranks.append(RankPlan(r, devices[r], params, kv, _activation_bytes(layout, config, r, batch_size, seq_len,
+        kv = batch * seq_len * kv_rows * itemsize
+        ranks.append(RankPlan(r, devices[r], params, kv, _activation_bytes(layout, config, r, batch, seq_len,
                                                                             itemsize), memory[r]))
     uncovered = sorted({_generic(u) for u in layout.uncovered})
     return PlanReport(str(model_path), shapes_from, mesh, dtype_name, batch_size, seq_len, memory_source, ranks,
-                      _collectives(layout, config, batch_size, itemsize), link, links, uncovered)
+                      _collectives(layout, config, batch, itemsize), link, links, uncovered)
+
+
+def _local_batch(layout: Layout, batch: int) -> int:
+    """The batch one rank carries: split if the plan splits decoder-layer outputs' batch dimension."""
+    from .plan import Rule
+
+    for pattern, spec in layout.activations.items():
+        rule = Rule(pattern, spec)
+        if spec and spec[0] is not None and Rule(rule.module, ()).regex.match("model.layers.0"):
+            return -(-batch // math.prod(layout.mesh.size(a) for a in spec_axes(spec[0])))
+    return batch
 
 
 def _generic(name: str) -> str:
@@ -361,21 +380,38 @@ def _activation_bytes(layout: Layout, config: ModelConfig, rank: int, batch: int
     hidden_states = tokens * itemsize * (4 * config.hidden_size + q + 2 * kv + 3 * inter)
     scores = batch * heads * seq * seq * itemsize + batch * seq * seq  # scores + boolean mask
     logits = batch * 4 * (vocab_local + config.vocab_size)
-    return hidden_states + scores + logits
+    gathered = 0  # one decoder layer's weights, all-gathered over storage axes (fsdp) while it runs
+    for name, t in layout.tensors.items():
+        storage = [a for e in t.spec for a in spec_axes(e) if a != TENSOR_AXIS]
+        if name.startswith(p) and storage:
+            local = math.prod(t.shards[rank].local_shape)
+            gathered += local * (math.prod(layout.mesh.size(a) for a in storage) - 1) * itemsize
+    return hidden_states + scores + logits + gathered
 
 
 def _collectives(layout: Layout, config: ModelConfig, batch: int, itemsize: int) -> list[Collective]:
-    """The collectives one decode step runs, from which layers the layout makes parallel."""
-    if layout.mesh.world_size == 1:
-        return []
-    token = batch * itemsize  # bytes per feature for one decode step's batch
-    counts: dict[tuple[str, int, str], int] = {}
+    """The collectives one decode step runs, from which layers the layout makes parallel.
 
-    def add(kind: str, nbytes: int, what: str) -> None:
-        counts[(kind, nbytes, what)] = counts.get((kind, nbytes, what), 0) + 1
+    Over ``tensor``: a sum per row-parallel linear and vocabulary-split embedding, a gather per gathered
+    column-parallel output (lm_head). Over storage axes (fsdp): an all-gather of every weight stored
+    split, each step (weights are gathered when used and dropped after).
+    """
+    mesh = layout.mesh
+    tp = mesh.size(TENSOR_AXIS) if TENSOR_AXIS in mesh.axis_names else 1
+    token = batch * itemsize  # bytes per feature for one decode step's batch
+    counts: dict[tuple[str, int, str, int], int] = {}
+
+    def add(kind: str, nbytes: int, what: str, group: int = tp) -> None:
+        key = (kind, nbytes, what, group)
+        counts[key] = counts.get(key, 0) + 1
 
     for name, t in layout.tensors.items():
-        if not name.endswith(".weight") or len(t.shape) != 2:
+        storage = [a for e in t.spec for a in spec_axes(e) if a != TENSOR_AXIS]
+        if storage and t.source == name:
+            group = math.prod(mesh.size(a) for a in storage)
+            gathered = math.prod(t.shards[0].local_shape) * group * itemsize
+            add("all-gather", gathered, f"{_generic(name)}: weight stored split over {'x'.join(storage)}", group)
+        if not name.endswith(".weight") or len(t.shape) != 2 or tp == 1:
             continue
         module = name[: -len(".weight")]
         split = [d for d in t.split_dims if TENSOR_AXIS in spec_axes(t.spec[d])]
@@ -390,9 +426,8 @@ def _collectives(layout: Layout, config: ModelConfig, batch: int, itemsize: int)
         elif split == [1]:
             add("all-reduce", token * t.shape[0], f"{short}: row-parallel output, summed")
         elif module == layout.output or _gathers(layout, module):
-            parts = math.prod(layout.mesh.size(a) for a in spec_axes(t.spec[0]))
-            add("all-gather", token * t.shards[0].local_shape[0] * parts, f"{short}: column-parallel output, gathered")
-    return [Collective(kind, count, nbytes, what) for (kind, nbytes, what), count in counts.items()]
+            add("all-gather", token * t.shards[0].local_shape[0] * tp, f"{short}: column-parallel output, gathered")
+    return [Collective(kind, count, nbytes, what, group) for (kind, nbytes, what, group), count in counts.items()]
 
 
 def _gathers(layout: Layout, module: str) -> bool:
