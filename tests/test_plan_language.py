@@ -182,7 +182,8 @@ def test_flat_torchprime_form_and_unknown_keys(tmp_path):
 # --- overrides --------------------------------------------------------------------------------------
 
 def test_set_overrides_replace_or_add_rules(tiny_config, tiny_shapes):
-    plan = resolve_plan("llama", None, ["lm_head.weight=[null,null]", "model.layers.*.mlp.up_proj.weight=[tensor]"])
+    plan = resolve_plan("llama", None, ["lm_head.weight=[null,null]", "model.embed_tokens.weight=[null,null]",
+                                        "model.layers.*.mlp.up_proj.weight=[tensor]"])
     layout = layout_of(tiny_shapes, tiny_config, plan, 2)
     assert layout.tensors["lm_head.weight"].replicated
     assert layout.tensors["model.layers.1.mlp.up_proj.weight"].spec == ("tensor", None)
@@ -204,6 +205,7 @@ def test_uncovered_tensors_are_replicated_listed_and_logged(tmp_path, tiny_confi
     plan = user_plan(tmp_path, """
         sharding:
           model.embed_tokens.weight: [tensor, null]
+          lm_head.weight: [tensor, null]
     """)
     with caplog.at_level(logging.INFO, logger="shardwise"):
         layout = layout_of(tiny_shapes, tiny_config, plan, 2)
@@ -243,7 +245,8 @@ def test_module_rules_shard_outputs_and_tuple_index(tmp_path, tiny_config, tiny_
     ("model.layerz.*[0]: [null, null, null]", "matches no module; nearest real names: model.layers.*"),
 ])
 def test_activation_rule_errors(tmp_path, tiny_config, tiny_shapes, rule, msg):
-    plan = user_plan(tmp_path, "sharding:\n  lm_head.weight: [tensor, null]\n  " + rule + "\n")
+    rules = "sharding:\n  lm_head.weight: [tensor, null]\n  model.embed_tokens.weight: [tensor, null]\n  "
+    plan = user_plan(tmp_path, rules + rule + "\n")
     with pytest.raises(ShardwiseError, match=msg.replace("*", r"\*").replace("[", r"\[")):
         layout_of(tiny_shapes, tiny_config, plan, 2)
 
@@ -282,10 +285,22 @@ def test_splits_the_model_cannot_consume_are_refused(tiny_config, tiny_shapes, r
         layout_of(tiny_shapes, tiny_config, plan, tp)
 
 
-def test_embedding_hidden_split_is_accepted_when_it_divides(tiny_config, tiny_shapes):
-    plan = resolve_plan("llama", None, ["model.embed_tokens.weight=[null,tensor]", "lm_head.weight=[tensor,null]"])
-    t = layout_of(tiny_shapes, tiny_config, plan, 4).tensors["model.embed_tokens.weight"]
+def test_embedding_hidden_split_is_accepted_when_it_divides(tiny_raw):
+    from shardwise.config import config_from_dict
+    from shardwise.planner import state_dict_shapes
+
+    untied = config_from_dict({**tiny_raw, "tie_word_embeddings": False})
+    plan = resolve_plan("llama", None, ["model.embed_tokens.weight=[null,tensor]"])
+    t = layout_of(state_dict_shapes(untied), untied, plan, 4).tensors["model.embed_tokens.weight"]
     assert [s.local_shape for s in t.shards] == [(101, 18)] * 4
+
+
+def test_tied_weights_must_be_split_alike(tiny_config, tiny_shapes):
+    plan = resolve_plan("llama", None, ["lm_head.weight=[null,null]"])
+    with pytest.raises(ShardwiseError, match=r"lm_head.weight is tied to model.embed_tokens.weight "
+                                             r"\(tie_word_embeddings\), so both must be split the same way; "
+                                             r"the plan gives \[null, null\] and \[tensor, null\]"):
+        layout_of(tiny_shapes, tiny_config, plan, 2)
 
 
 def test_storage_axis_splits_norms_evenly_but_not_unevenly(tmp_path, tiny_config, tiny_shapes):

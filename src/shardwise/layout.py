@@ -235,6 +235,11 @@ def compute_layout(
                     dims.append(_even_segments(shape[d], parts, index))
             shards.append(ShardSlice(tuple(dims)))
         layouts[name] = TensorLayout(name, src, dtype, tuple(shape), spec, tuple(shards))
+    for name, t in layouts.items():
+        src = layouts[t.source]
+        if t.source != name and t.shards != src.shards:
+            raise ShardwiseError(f"{name} is tied to {t.source} (tie_word_embeddings), so both must be split the same "
+                                 f"way; the plan gives {_show(t.spec)} and {_show(src.spec)}")
     _check_groups(plan, layouts)
     activations = _activations(plan, layouts, mesh)
     uncovered = tuple(n for n in layouts if not plan.covers(n))
