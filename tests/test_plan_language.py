@@ -336,5 +336,5 @@ def test_documented_fsdp_tp_example(tiny_config, tiny_shapes):
     assert [s.local_shape for s in up.shards] == [(24, 36)] * 8
     norm = layout.tensors["model.norm.weight"]
     assert [s.dims[0][0].start for s in norm.shards] == [0, 0, 0, 0, 36, 36, 36, 36]  # fsdp is the outer axis
-    with pytest.raises(ShardwiseError, match="splits over fsdp=2: `shardwise plan` accepts it, but running it"):
+    with pytest.raises(ShardwiseError, match="activation rule 'model.layers.*' splits a module output over fsdp"):
         check_runtime(layout)

@@ -24,6 +24,7 @@ from .loader import LoadStats, load_rank_state
 from .mesh import Mesh
 from .models.llama import LlamaForCausalLM
 from .parallel.comm import Collectives
+from .parallel.fsdp import assign_stored, axis_groups, storage_axes
 from .parallelize import assign_state, check_runtime, parallelize
 from .plan import TENSOR_AXIS, Plan, resolve_plan
 
@@ -99,16 +100,25 @@ def load_sharded(
     torch_dtype = resolve_dtype(dtype, config)
     source = CheckpointSource(model_path)
     plan = plan or resolve_plan(config.family)
-    layout = model_layout(model_path, plan=plan, config=config, source=source,
-                          mesh=plan.mesh(world_size=comm.world_size))
+    mesh = plan.mesh(world_size=comm.world_size)
+    layout = model_layout(model_path, plan=plan, config=config, source=source, mesh=mesh)
     check_runtime(layout)
     if comm.rank == 0:
         log.info("Sharding weights for ranks: 0...%d", comm.world_size - 1)
     state, stats = load_rank_state(source, layout, comm.rank, torch_dtype, read_threads, progress)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    parallelize(model, layout, comm.rank, comm)
-    assign_state(model, state)
+    storage = storage_axes(mesh)
+    if storage:
+        # FSDP x TP: modules take their tensor-parallel shapes; pieces stored split are gathered on use.
+        tp_layout = compute_layout(source.shapes(), config, plan.without_axes(storage), mesh)
+        groups = axis_groups(mesh, comm.rank)
+        tp_comm = Collectives(groups.tensor)
+        parallelize(model, tp_layout, comm.rank, tp_comm)
+        assign_stored(model, state, layout, tp_layout, comm.rank, groups)
+    else:
+        parallelize(model, layout, comm.rank, comm)
+        assign_state(model, state)
     model.to(device)
     model.eval()
     return ShardedModel(model, config, layout, comm.rank, comm, stats, torch_dtype)

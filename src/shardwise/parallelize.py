@@ -15,7 +15,7 @@ from .errors import ShardwiseError
 from .layout import Layout, TensorLayout
 from .parallel.comm import Collectives
 from .parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
-from .plan import TENSOR_AXIS, Rule
+from .plan import TENSOR_AXIS, Rule, spec_axes
 
 
 def _output_replicated(layout: Layout, module_name: str) -> bool:
@@ -44,12 +44,26 @@ def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, 
 
 
 def check_runtime(layout: Layout) -> None:
-    """Refuse layouts the layout language allows but this runtime cannot run yet (2-D meshes)."""
-    extra = [f"{a}={n}" for a, n in zip(layout.mesh.axis_names, layout.mesh.axis_sizes) if a != TENSOR_AXIS and n > 1]
-    if extra:
-        raise ShardwiseError(f"the mesh {layout.mesh.describe()} splits over {', '.join(extra)}: `shardwise plan` "
-                             "accepts it, but running it needs the fsdp all-gather, which is not implemented yet; "
-                             "run with the 'tensor' axis only")
+    """Refuse layouts the layout language allows but this runtime cannot run.
+
+    Storage axes (fsdp) are run by gathering weights along them (``parallel/fsdp.py``), which needs
+    each dimension split over `tensor` or over storage axes, not both; and module outputs cannot be
+    split over a storage axis (generation keeps every rank's batch whole).
+    """
+    for t in layout.tensors.values():
+        for d, entry in enumerate(t.spec):
+            axes = spec_axes(entry)
+            if TENSOR_AXIS in axes and len(axes) > 1:
+                raise ShardwiseError(
+                    f"{t.name}: dimension {d} is split over {' x '.join(axes)}; `shardwise run` needs each dimension "
+                    "split over 'tensor' or over storage axes such as fsdp, not both (e.g. [tensor, fsdp]); "
+                    "`shardwise plan` accepts it")
+    for pattern, spec in layout.activations.items():
+        storage = [a for e in spec for a in spec_axes(e) if a != TENSOR_AXIS and layout.mesh.size(a) > 1]
+        if storage:
+            raise ShardwiseError(
+                f"activation rule {pattern!r} splits a module output over {storage[0]}: `shardwise run` keeps every "
+                "rank's batch whole (each fsdp replica generates the whole batch); `shardwise plan` accepts it")
 
 
 def parallelize(model: nn.Module, layout: Layout, rank: int, comm: Collectives) -> nn.Module:

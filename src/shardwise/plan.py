@@ -128,6 +128,14 @@ class Plan:
         return replace(family, rules=self.rules, mesh_axes=self.mesh_axes, mesh_sizes=self.mesh_sizes,
                        source=self.source)
 
+    def without_axes(self, axes: tuple[str, ...]) -> Plan:
+        """This plan with ``axes`` removed from every spec: e.g. the tensor-parallel part of an FSDP x TP plan."""
+        def strip(entry: AxisEntry) -> AxisEntry:
+            kept = tuple(a for a in spec_axes(entry) if a not in axes)
+            return None if not kept else kept[0] if len(kept) == 1 else kept
+
+        return replace(self, rules=tuple(replace(r, spec=tuple(strip(e) for e in r.spec)) for r in self.rules))
+
     def mesh(self, tp_degree: int | None = None, world_size: int | None = None) -> Mesh:
         """The mesh this plan runs on.
 
