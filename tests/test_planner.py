@@ -176,3 +176,9 @@ def test_two_d_mesh_rings_per_axis_and_fsdp_gathers(tiny_raw, tmp_path):
     gather = by_what["model.layers.*.mlp.up_proj.weight"]  # stored split over fsdp, gathered each step
     assert gather.kind == "all-gather" and gather.group == 2 and gather.count == 2
     assert gather.bytes == 24 * 72 * 4  # this rank's tensor slice (96 / 4 rows), whole along fsdp
+
+
+def test_directory_without_weights_plans_from_its_config(tiny_raw, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_raw))
+    report = plan_model(tmp_path, tp_degree=3)
+    assert report.shapes_from == "config.json" and report.mesh.world_size == 3

@@ -162,3 +162,21 @@ sharding:
     assert rc == 0, out.err
     assert "Accuracy check (token-matching) passed" in out.err
     assert "partition 'p0' (cpu, p2p links)" in out.err and "threads per rank 1,1,1,1" in out.err
+
+
+def _report_threads(rank, world, out_dir):
+    from pathlib import Path
+
+    import torch
+
+    (Path(out_dir) / f"rank{rank}").write_text(str(torch.get_num_threads()))
+
+
+@pytest.mark.slow
+def test_launch_gives_each_rank_its_own_thread_count(tmp_path):
+    from shardwise.parallel.launch import launch
+
+    launch(_report_threads, 2, (str(tmp_path),), threads=(2, 1))
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["2", "1"]
+    with pytest.raises(ShardwiseError, match="must give each of the 2 ranks at least 1"):
+        launch(_report_threads, 2, (str(tmp_path),), threads=(1,))
