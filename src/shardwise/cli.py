@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--partition-config", default=None,
          help="device partition config JSON (Cloud AI 100 form): its devices are the ranks, numCores their threads")
     _add(run, "--partition", default=None, help="partition to use when the partition config has several")
+    _add(run, "--sequence-parallel-enabled", action="store_true",
+         help="split the residual stream by sequence over the tensor ranks (adds the family's sequence-parallel "
+              "activation rules to the plan)")
 
     plan = sub.add_parser(
         "plan", help="will it fit? bytes per rank and collective traffic, from config and headers only",
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(plan, "--sharding-config", default=None, help="YAML sharding plan (default: the family's built-in plan)")
     plan.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
                       help="override one plan rule")
+    _add(plan, "--sequence-parallel-enabled", action="store_true", help="add the family's sequence-parallel rules")
     from .planner import HOST_GBPS, HOST_LATENCY_US, P2P_GBPS, P2P_LATENCY_US
 
     _add(plan, "--p2p-gbps", type=float, default=P2P_GBPS, help="assumed device-to-device bandwidth, GB/s")
@@ -116,6 +120,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         benchmark=args.benchmark, benchmark_iterations=args.benchmark_iterations, output_dir=args.output_dir,
         sharding_config=args.sharding_config, overrides=args.overrides, device=args.device,
         progress=sys.stderr.isatty(), partition_config=args.partition_config, partition=args.partition,
+        sequence_parallel=args.sequence_parallel_enabled,
     )
     result = run(opts)
     if result.texts:
@@ -132,6 +137,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         args.model_path, args.tp_degree, args.partition_config, args.partition, args.batch_size, args.seq_len,
         args.torch_dtype, args.device, args.device_memory_gib, args.sharding_config, args.overrides,
         Links(args.p2p_gbps, args.p2p_latency_us, args.host_gbps, args.host_latency_us),
+        args.sequence_parallel_enabled,
     )
     print(report_json(report) if args.json else report.format())
     return 0

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from .config import ModelConfig
 from .errors import ShardwiseError
 from .mesh import Mesh
-from .plan import TENSOR_AXIS, Plan, Rule, Spec, module_names, spec_axes
+from .plan import TENSOR_AXIS, Plan, Rule, SequenceParallel, Spec, module_names, spec_axes
 
 log = logging.getLogger("shardwise")
 PAD_EXACT = ("padding is exact only for column-parallel output rows, row-parallel input columns, vocabulary rows "
@@ -242,11 +242,12 @@ def compute_layout(
                                  f"way; the plan gives {_show(t.spec)} and {_show(src.spec)}")
     _check_groups(plan, layouts)
     activations = _activations(plan, layouts, mesh)
+    sequence = _sequence_parallel(plan, module_names(list(layouts)), mesh)
     uncovered = tuple(n for n in layouts if not plan.covers(n))
     if uncovered:
         log.info("%d tensor(s) match no rule and are replicated on every rank: %s", len(uncovered),
                  ", ".join(sorted({_generic(n) for n in uncovered})))
-    return Layout(mesh, layouts, activations, uncovered, plan.output)
+    return Layout(mesh, layouts, activations, uncovered, plan.output, sequence)
 
 
 def _show(spec: Spec) -> str:
@@ -312,6 +313,7 @@ def _activations(plan: Plan, layouts: dict[str, TensorLayout], mesh: Mesh) -> di
     (lm_head) is always gathered because generation reads whole logits.
     """
     modules = module_names(list(layouts))
+    stream = set(_stream_modules(plan.sequence, modules)) if plan.sequence else set()
     out: dict[str, Spec] = {}
     for rule in plan.rules:
         if rule.output_index is None and any(rule.regex.match(n) for n in layouts):
@@ -328,6 +330,8 @@ def _activations(plan: Plan, layouts: dict[str, TensorLayout], mesh: Mesh) -> di
             if TENSOR_AXIS not in spec_axes(entry) or mesh.size(TENSOR_AXIS) == 1:
                 continue
             for m in matched:
+                if m in stream and d == plan.sequence.dim and rule.output_index is None:
+                    continue  # sequence parallelism; checked as a whole in _sequence_parallel
                 weight = layouts.get(f"{m}.weight")
                 column = weight is not None and TENSOR_AXIS in spec_axes(weight.spec[0])
                 if m == plan.output:
@@ -341,6 +345,73 @@ def _activations(plan: Plan, layouts: dict[str, TensorLayout], mesh: Mesh) -> di
     return out
 
 
+def _matches(pattern: str, name: str) -> bool:
+    return bool(Rule(pattern, ()).regex.match(name))
+
+
+def _instantiate(pattern: str, name: str) -> str:
+    """Put ``name``'s integers into ``pattern``'s stars: (model.layers.*.x, model.layers.3.q) -> model.layers.3.x."""
+    numbers = iter(re.findall(r"(?<=\.)\d+(?=\.|\Z)", name))
+    return re.sub(r"\*", lambda _: next(numbers, "*"), pattern)
+
+
+def _stream_modules(seq: SequenceParallel, modules: list[str]) -> list[str]:
+    """Modules whose output is the residual stream or a norm of it: those sequence parallelism splits."""
+    residual = [m for m in modules if any(_matches(p, m) for p in seq.residual)]
+    norms = [m for m in modules if any(_matches(p, m) for p in seq.norms)]
+    containers = [m for m in modules if m != "model" and any(r.startswith(m + ".") for r in residual)]
+    return residual + norms + containers
+
+
+def output_spec(plan_rules, module: str) -> Spec | None:
+    """The spec of the last activation rule naming ``module`` (tuple-element rules excluded)."""
+    spec = None
+    for rule in plan_rules:
+        if rule.output_index is None and _matches(rule.pattern, module):
+            spec = rule.spec
+    return spec
+
+
+def _sequence_parallel(plan: Plan, modules: list[str], mesh: Mesh) -> SequenceParallel | None:
+    """Whether the plan turns sequence parallelism on, checked for consistency; its family data if so."""
+    seq = plan.sequence
+    if seq is None or TENSOR_AXIS not in mesh.axis_names or mesh.size(TENSOR_AXIS) == 1:
+        return None
+
+    def split(m: str) -> bool:
+        spec = output_spec(plan.rules, m)
+        return spec is not None and len(spec) > seq.dim and TENSOR_AXIS in spec_axes(spec[seq.dim])
+
+    residual = [m for m in modules if any(_matches(p, m) for p in seq.residual)]
+    on = [m for m in residual if split(m)]
+    if on and len(on) != len(residual):
+        off = next(m for m in residual if not split(m))
+        raise ShardwiseError(
+            f"sequence parallelism splits the residual stream: the output of {on[0]} is split by sequence but that "
+            f"of {off} is not; split the outputs of all of {', '.join(seq.residual)} as [null, tensor, null]")
+    stream = _stream_modules(seq, modules)
+    if not on:
+        for m in stream:
+            if split(m):
+                raise ShardwiseError(
+                    f"the rule for {m} splits the sequence over 'tensor', which needs sequence parallelism: the "
+                    f"outputs of {', '.join(seq.residual)} split as [null, tensor, null] too "
+                    "(or --sequence-parallel-enabled)")
+        return None
+    for m in stream:
+        if m not in residual and not any(_matches(p, m) for p in seq.norms):
+            spec = output_spec(plan.rules, m)
+            if spec is not None and not split(m):
+                raise ShardwiseError(f"the output of {m} is the residual stream, which sequence parallelism splits by "
+                                     f"sequence; its rule {_show(spec)} says otherwise")
+    feeds_output = dict(seq.inputs).get(plan.output or "")
+    for m in modules:
+        if feeds_output and _matches(feeds_output, m) and split(m):
+            raise ShardwiseError(f"generation takes the last position of {m}'s output, so it must be whole: "
+                                 f"{m}: [null, null, null]")
+    return seq
+
+
 @dataclass(frozen=True)
 class Layout:
     mesh: Mesh
@@ -348,9 +419,32 @@ class Layout:
     activations: dict[str, Spec]  # module-name pattern -> spec of that module's output
     uncovered: tuple[str, ...] = ()  # tensors no rule matches: replicated on every rank
     output: str | None = None  # the module whose output is always gathered (lm_head)
+    sequence: SequenceParallel | None = None  # set when the plan turns sequence parallelism on
 
     def for_rank(self, rank: int) -> dict[str, ShardSlice]:
         return {name: t.shards[rank] for name, t in self.tensors.items()}
+
+    def sequence_boundaries(self) -> tuple[list[str], list[str], list[str]]:
+        """Where sequence parallelism moves data: (modules whose output is scattered by sequence, modules
+        whose output is gathered, modules whose input is gathered). Empty unless it is on."""
+        seq = self.sequence
+        if seq is None:
+            return [], [], []
+        rules = [Rule(p, s) for p, s in self.activations.items()]
+
+        def split(m: str) -> bool:
+            spec = output_spec(rules, m)
+            return spec is not None and len(spec) > seq.dim and TENSOR_AXIS in spec_axes(spec[seq.dim])
+
+        scatter, gather_out, gather_in = [], [], []
+        for m in module_names(list(self.tensors)):
+            if any(_matches(p, m) for p in seq.residual):
+                scatter.append(m)
+            elif any(_matches(p, m) for p in seq.norms) and not split(m):
+                gather_out.append(m)
+            if any(_matches(c, m) and split(_instantiate(p, m)) for c, p in seq.inputs):
+                gather_in.append(m)
+        return scatter, gather_out, gather_in
 
     @property
     def replicated_names(self) -> list[str]:

@@ -15,6 +15,7 @@ from .errors import ShardwiseError
 from .layout import Layout, TensorLayout
 from .parallel.comm import Collectives
 from .parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from .parallel.sequence import apply_sequence_parallel
 from .plan import TENSOR_AXIS, Rule, spec_axes
 
 
@@ -88,6 +89,7 @@ def parallelize(model: nn.Module, layout: Layout, rank: int, comm: Collectives) 
         else:
             continue
         model.set_submodule(name, new)
+    apply_sequence_parallel(model, layout, comm)
     return model
 
 

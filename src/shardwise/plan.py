@@ -63,6 +63,24 @@ class Rule:
 _TUPLE_INDEX = re.compile(r"\[(\d+)\]\Z")
 
 
+@dataclass(frozen=True)
+class SequenceParallel:
+    """Family knowledge for sequence parallelism (NxD's ``--sequence-parallel-enabled``) as a plan.
+
+    With activation rules splitting the ``dim`` (sequence) of the ``residual`` modules' outputs over
+    ``tensor``, the residual stream between them is split by sequence: those outputs are reduce-
+    scattered, each ``norms`` module works on its slice (and gathers its output unless its own rule
+    keeps it split), and each module of ``inputs`` gathers its input when the module it reads from
+    (``inputs[module]``) has a split output. ``rules`` are the activation rules that turn it on.
+    """
+
+    dim: int
+    residual: tuple[str, ...]
+    norms: tuple[str, ...]
+    inputs: tuple[tuple[str, str], ...]
+    rules: tuple[str, ...]
+
+
 def _compile(pattern: str) -> re.Pattern[str]:
     parts = [re.escape(p) for p in pattern.split("*")]
     return re.compile(r"\d+".join(parts) + r"\Z")
@@ -105,6 +123,7 @@ class Plan:
     groups: tuple[tuple[str, ...], ...] = ()  # family: tensors split over `tensor` together or not at all
     output: str | None = None  # family: module whose output generation needs whole (lm_head)
     activation_rank: int = 3  # family: dimensions of a module output ([batch, seq, features])
+    sequence: SequenceParallel | None = None  # family: how sequence parallelism maps onto the model
 
     def spec_for(self, name: str) -> Spec | None:
         """The spec of the last rule that matches ``name`` (later rules, e.g. overrides, win)."""
@@ -222,7 +241,7 @@ def _generic(name: str) -> str:
     return re.sub(r"\.\d+(?=\.|\Z)", ".*", name)
 
 
-FAMILY_KEYS = ("units", "tensor_parallel", "groups", "output", "activation_rank")
+FAMILY_KEYS = ("units", "tensor_parallel", "groups", "output", "activation_rank", "sequence_parallel")
 
 
 def _parse(data: object, source: str, required: bool = True) -> Plan:
@@ -246,7 +265,18 @@ def _parse(data: object, source: str, required: bool = True) -> Plan:
                                                for g in groups):
         raise ShardwiseError(f"{source}: `groups` is a list of lists of tensor names")
     return Plan(rules, units, axes, source, sizes, tp, tuple(tuple(g) for g in groups), data.get("output"),
-                int(data.get("activation_rank", 3)))
+                int(data.get("activation_rank", 3)), _parse_sequence(data.get("sequence_parallel"), source))
+
+
+def _parse_sequence(value: object, source: str) -> SequenceParallel | None:
+    if value is None:
+        return None
+    try:
+        return SequenceParallel(int(value["dim"]), tuple(value["residual"]), tuple(value["norms"]),
+                                tuple((str(k), str(v)) for k, v in value["inputs"].items()),
+                                tuple(str(r) for r in value["rules"]))
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise ShardwiseError(f"{source}: `sequence_parallel` needs dim, residual, norms, inputs and rules") from None
 
 
 def _parse_mesh(mesh: object, source: str) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
@@ -299,9 +329,19 @@ def builtin_plan(family: str) -> Plan:
     return _parse(yaml.safe_load(text), f"built-in plan {family}.yaml", required=False)
 
 
-def resolve_plan(family: str, sharding_config: str | Path | None = None, overrides: list[str] | None = None) -> Plan:
-    """The user's plan (or the family's), with the family's knowledge and any overrides applied."""
+def resolve_plan(family: str, sharding_config: str | Path | None = None, overrides: list[str] | None = None,
+                 sequence_parallel: bool = False) -> Plan:
+    """The user's plan (or the family's), with the family's knowledge and any overrides applied.
+
+    ``sequence_parallel`` (NxD's ``--sequence-parallel-enabled``) adds the family's sequence-parallel
+    activation rules, as if given with ``--set`` before ``overrides``.
+    """
     plan = builtin_plan(family)
     if sharding_config is not None:
         plan = load_plan(sharding_config).with_family(plan)
-    return plan.with_overrides(overrides or [])
+    extra: list[str] = []
+    if sequence_parallel:
+        if plan.sequence is None:
+            raise ShardwiseError(f"the {family} family has no sequence-parallel rules")
+        extra = list(plan.sequence.rules)
+    return plan.with_overrides(extra + list(overrides or []))

@@ -297,6 +297,7 @@ def plan_model(
     sharding_config: str | Path | None = None,
     overrides: list[str] | None = None,
     links: Links = Links(),
+    sequence_parallel: bool = False,
 ) -> PlanReport:
     """Plan ``model_path`` (a checkpoint directory or a ``config.json``) without reading a weight."""
     if batch_size < 1 or seq_len < 1:
@@ -307,7 +308,7 @@ def plan_model(
     if dtype_name not in DTYPE_BYTES:
         raise ShardwiseError(f"--torch-dtype {dtype_name!r} is not one of auto, {', '.join(DTYPE_BYTES)}")
     itemsize = DTYPE_BYTES[dtype_name]
-    plan = resolve_plan(config.family, sharding_config, overrides)
+    plan = resolve_plan(config.family, sharding_config, overrides, sequence_parallel)
     link, device_ids = P2P, None
     if partition_config is not None:
         # Planning needs no such machine: the partition's devices are not checked against this one.
@@ -427,6 +428,12 @@ def _collectives(layout: Layout, config: ModelConfig, batch: int, itemsize: int)
             add("all-reduce", token * t.shape[0], f"{short}: row-parallel output, summed")
         elif module == layout.output or _gathers(layout, module):
             add("all-gather", token * t.shards[0].local_shape[0] * tp, f"{short}: column-parallel output, gathered")
+    # Sequence parallelism: a decode step's one token sits on one rank; gathers pad each rank's share to it.
+    _, gather_out, gather_in = layout.sequence_boundaries()
+    for names, what in ((gather_out, "sequence-parallel output, gathered"), (gather_in, "sequence-parallel input, "
+                                                                             "gathered")):
+        for m in names:
+            add("all-gather", token * config.hidden_size * tp, f"{_generic(m)}: {what}")
     return [Collective(kind, count, nbytes, what, group) for (kind, nbytes, what, group), count in counts.items()]
 
 

@@ -58,6 +58,7 @@ class RunOptions:
     progress: bool = False
     partition_config: str | None = None  # device partition config JSON (see topology.py)
     partition: str | None = None  # which partition of it, when it has several
+    sequence_parallel: bool = False  # NxD's --sequence-parallel-enabled: the family's sequence-parallel rules
 
 
 @dataclass
@@ -93,7 +94,8 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)
     comm = Collectives()
-    plan = resolve_plan(load_config(opts.model_path).family, opts.sharding_config, opts.overrides)
+    plan = resolve_plan(load_config(opts.model_path).family, opts.sharding_config, opts.overrides,
+                        opts.sequence_parallel)
     sharded = load_sharded(opts.model_path, opts.torch_dtype, plan, comm, device,
                            progress=opts.progress and rank == 0)
     comm.barrier()
@@ -141,7 +143,7 @@ def resolve_ranks(opts: RunOptions, config) -> tuple[Mesh, Topology | None]:
         topology = resolve_topology(load_partition_config(opts.partition_config), opts.device, opts.partition)
     elif opts.partition:
         raise ShardwiseError("--partition needs --partition-config")
-    plan = resolve_plan(config.family, opts.sharding_config, opts.overrides)
+    plan = resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel)
     world = topology.world_size if topology else None
     tp = opts.tp_degree
     if tp is None and world is None and plan.mesh_sizes is None:
@@ -159,7 +161,7 @@ def validate(opts: RunOptions):
     source = CheckpointSource(opts.model_path)  # raises if no weights
     mesh, _ = resolve_ranks(opts, config)
     # The whole layout, from headers alone: plan errors surface here, before any rank starts.
-    plan = resolve_plan(config.family, opts.sharding_config, opts.overrides)
+    plan = resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel)
     check_runtime(model_layout(opts.model_path, plan=plan, config=config, source=source, mesh=mesh))
     resolve_dtype(opts.torch_dtype, config)
     if opts.check_accuracy_mode not in ("skip-accuracy-check", "token-matching", "logit-matching"):
