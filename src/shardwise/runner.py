@@ -25,7 +25,7 @@ from .mesh import Mesh
 from .parallel.comm import Collectives
 from .parallel.launch import default_backend, launch, threads_per_rank
 from .parallelize import check_runtime
-from .plan import resolve_plan
+from .plan import Plan, resolve_plan
 from .topology import Topology, load_partition_config, resolve_topology
 
 log = logging.getLogger("shardwise")
@@ -132,8 +132,8 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
         }, result_path)
 
 
-def resolve_ranks(opts: RunOptions, config) -> tuple[Mesh, Topology | None]:
-    """The mesh to run on and, with a partition config, the devices and threads of its ranks.
+def resolve_ranks(opts: RunOptions, config) -> tuple[Plan, Mesh, Topology | None]:
+    """The plan, the mesh to run on and, with a partition config, the devices and threads of its ranks.
 
     A partition config decides the world size; the plan's mesh sizes or ``--tp-degree`` must agree
     with it. Without either, the plan's mesh sizes decide, else ``--tp-degree`` (default 2).
@@ -148,7 +148,7 @@ def resolve_ranks(opts: RunOptions, config) -> tuple[Mesh, Topology | None]:
     tp = opts.tp_degree
     if tp is None and world is None and plan.mesh_sizes is None:
         tp = 2
-    return plan.mesh(tp, world), topology
+    return plan, plan.mesh(tp, world), topology
 
 
 def validate(opts: RunOptions):
@@ -159,9 +159,8 @@ def validate(opts: RunOptions):
     from .checkpoint import CheckpointSource
 
     source = CheckpointSource(opts.model_path)  # raises if no weights
-    mesh, _ = resolve_ranks(opts, config)
+    plan, mesh, _ = resolve_ranks(opts, config)
     # The whole layout, from headers alone: plan errors surface here, before any rank starts.
-    plan = resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel)
     check_runtime(model_layout(opts.model_path, plan=plan, config=config, source=source, mesh=mesh))
     resolve_dtype(opts.torch_dtype, config)
     if opts.check_accuracy_mode not in ("skip-accuracy-check", "token-matching", "logit-matching"):
@@ -195,7 +194,7 @@ def run(opts: RunOptions) -> RunResult:
         pad_id = config.pad_token_id if config.pad_token_id is not None else (tokenizer.pad_token_id or 0)
     eos = tuple(config.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     dtype = resolve_dtype(opts.torch_dtype, config)
-    mesh, topology = resolve_ranks(opts, config)
+    _, mesh, topology = resolve_ranks(opts, config)
     world = mesh.world_size
     threads = topology.threads if topology else (threads_per_rank(world),) * world
     where = (f"partition {topology.partition.name!r} ({topology.kind}, {topology.link} links)" if topology
