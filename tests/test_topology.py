@@ -137,6 +137,8 @@ def test_four_cpu_ranks_from_a_partition_config_match_hf(tiny_model_dir, tmp_pat
     pc = tmp_path / "pc.json"
     pc.write_text(json.dumps(config((0, 1), (1, 1), (2, 1), (3, 1), connections=[{"devices": [0, 1, 2, 3],
                                                                                   "type": "p2p"}])))
+    # The file alone would be refused (the MLP half split, lm_head tied to a split embedding but not
+    # split itself); the --set overrides below complete it, so they are applied before any check.
     plan = tmp_path / "plan.yaml"
     plan.write_text("""
 mesh: {axes: [tensor]}

@@ -12,8 +12,9 @@ names, and specs are checked against the mesh and the tensors (see ``layout.py``
 Besides the rules, a built-in family plan carries *family knowledge* that user plans inherit:
 ``units`` (the indivisible slot of a dimension, e.g. whole attention heads), ``tensor_parallel``
 (which dimensions the model code can consume split over the ``tensor`` axis, and whether an uneven
-split may be padded exactly), ``groups`` (tensors that must be split over ``tensor`` together) and
-``output`` (the module whose output generation reads whole).
+split may be padded exactly), ``groups`` (tensors that must be split over ``tensor`` together),
+``output`` (the module whose output generation reads whole) and ``sequence_parallel`` (how
+sequence parallelism maps onto the model, and the rules ``--sequence-parallel-enabled`` adds).
 """
 
 from __future__ import annotations
