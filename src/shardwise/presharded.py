@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,11 +44,10 @@ from .checkpoint import (
     read_header,
 )
 from .config import ModelConfig, config_from_dict, load_config
-from .engine import check_tp_degree, resolve_dtype
+from .engine import check_mesh, resolve_dtype
 from .errors import ShardwiseError
 from .layout import Layout, compute_layout
 from .loader import LoadStats
-from .mesh import Mesh
 from .plan import Plan, Rule, resolve_plan
 
 log = logging.getLogger("shardwise")
@@ -94,16 +94,25 @@ def _file_fingerprint(path: Path, samples: int = 16, block: int = 1 << 16) -> di
     return {"file": path.name, "size": size, "header_sha256": header_hash, "data_sample_sha256": data.hexdigest()}
 
 
-def _plan_dict(plan: Plan) -> dict:
+def _plan_dict(plan: Plan, names: list[str]) -> dict:
+    """The part of a plan that decides weights: rules matching a tensor, units, mesh axes.
+
+    Activation rules (e.g. sequence parallelism) change no weight, so they do not make files stale.
+    """
+    rules = [r for r in plan.rules if any(r.regex.match(n) for n in names)]
     return {"rules": [[r.pattern, [list(e) if isinstance(e, tuple) else e for e in r.spec], r.required]
-                      for r in plan.rules],
-            "units": [[p, list(u)] for p, u in plan.units], "mesh_axes": list(plan.mesh_axes)}
+                      for r in rules],
+            "units": [[p, list(u)] for p, u in plan.units], "mesh_axes": list(plan.mesh_axes),
+            "mesh_sizes": list(plan.mesh_sizes) if plan.mesh_sizes else None}
 
 
-def _plan_from_dict(data: dict) -> Plan:
+def _plan_from_dict(data: dict, family: str) -> Plan:
+    """The stored weight rules on top of the family's knowledge (units, consumable splits, output)."""
     rules = tuple(Rule(p, tuple(tuple(e) if isinstance(e, list) else e for e in spec), req)
                   for p, spec, req in data["rules"])
-    return Plan(rules, tuple((p, tuple(u)) for p, u in data["units"]), tuple(data["mesh_axes"]), "manifest")
+    sizes = tuple(data["mesh_sizes"]) if data.get("mesh_sizes") else None
+    return replace(resolve_plan(family), rules=rules, mesh_axes=tuple(data["mesh_axes"]), mesh_sizes=sizes,
+                   source="the pre-sharded checkpoint's manifest")
 
 
 def _digest(obj) -> str:
@@ -121,13 +130,14 @@ def build_manifest(source: CheckpointSource, config: ModelConfig, plan: Plan, la
     body = {
         "source": [_file_fingerprint(f) for f in source.files],
         "config_sha256": _digest(config.raw),
-        "plan_sha256": _digest(_plan_dict(plan)),
+        "plan_sha256": _digest(_plan_dict(plan, list(layout.tensors))),
         "mesh": {"axes": list(layout.mesh.axis_names), "sizes": list(layout.mesh.axis_sizes)},
         "dtype": str(dtype).replace("torch.", ""),
         "conversions": conversions,
     }
     return {"format": FORMAT, "version": VERSION, "key": _digest(body), **body,
-            "source_path": str(source.path.resolve()), "plan": _plan_dict(plan), "config": config.raw,
+            "source_path": str(source.path.resolve()), "plan": _plan_dict(plan, list(layout.tensors)),
+            "config": config.raw,
             "tensors": {n: [list(s), d] for n, (s, d) in source.shapes().items()}}
 
 
@@ -265,11 +275,12 @@ def preshard(
     """
     start_time = time.perf_counter()
     config = load_config(model_path)
-    check_tp_degree(config, tp_degree)
     torch_dtype = resolve_dtype(dtype, config)
     plan = plan or resolve_plan(config.family)
+    mesh = plan.mesh(tp_degree)
+    check_mesh(config, mesh)
     source = CheckpointSource(model_path)
-    layout = compute_layout(source.shapes(), config, plan, Mesh.tensor_parallel(tp_degree))
+    layout = compute_layout(source.shapes(), config, plan, mesh)
     ranks = _rank_range(tp_degree, start_rank, local_ranks)
     manifest = build_manifest(source, config, plan, layout, torch_dtype)
     compiled = Path(compiled_model_path)
@@ -322,13 +333,13 @@ def check_presharded(compiled: str | Path, tp_degree: int, dtype: str | torch.dt
         config = load_config(model_path)
         source = CheckpointSource(model_path)
         plan = plan or resolve_plan(config.family)
-        layout = compute_layout(source.shapes(), config, plan, Mesh.tensor_parallel(tp_degree))
+        layout = compute_layout(source.shapes(), config, plan, plan.mesh(tp_degree))
         expected = build_manifest(source, config, plan, layout, torch_dtype)
     else:  # no source at hand: check what was asked against what the files were made with
-        plan = plan or _plan_from_dict(manifest["plan"])
+        plan = plan or _plan_from_dict(manifest["plan"], config.family)
         tensors = {n: (tuple(s), d) for n, (s, d) in manifest["tensors"].items()}
-        layout = compute_layout(tensors, config, plan, Mesh.tensor_parallel(tp_degree))
-        expected = {**manifest, "plan_sha256": _digest(_plan_dict(plan)),
+        layout = compute_layout(tensors, config, plan, plan.mesh(tp_degree))
+        expected = {**manifest, "plan_sha256": _digest(_plan_dict(plan, list(layout.tensors))),
                     "dtype": str(torch_dtype).replace("torch.", ""),
                     "mesh": {"axes": list(layout.mesh.axis_names), "sizes": list(layout.mesh.axis_sizes)}}
     return manifest, _differences(manifest, expected)
@@ -347,7 +358,7 @@ def require_usable(compiled: str | Path, tp_degree: int, dtype: str | torch.dtyp
         hint = (f"re-shard with `shardwise shard --model-path SRC --compiled-model-path {compiled}`"
                 + (" or pass --reshard to re-slice these files" if tp_changed and len(problems) == 1 else ""))
         raise ShardwiseError(f"pre-sharded checkpoint at {str(compiled)!r} is stale: {'; '.join(problems)}; {hint}")
-    old_world = manifest["mesh"]["sizes"][manifest["mesh"]["axes"].index("tensor")]
+    old_world = math.prod(manifest["mesh"]["sizes"])
     for r in range(old_world):
         if not rank_file_valid(rank_file(compiled, r), manifest["key"]):
             raise ShardwiseError(f"pre-sharded checkpoint at {str(compiled)!r} is incomplete: rank {r}'s file is "
@@ -359,7 +370,8 @@ def presharded_layout(manifest: dict, tp_degree: int) -> tuple[ModelConfig, Layo
     """Config and layout of a pre-sharded checkpoint at ``tp_degree``, from its manifest alone."""
     config = config_from_dict(manifest["config"])
     tensors = {n: (tuple(s), d) for n, (s, d) in manifest["tensors"].items()}
-    return config, compute_layout(tensors, config, _plan_from_dict(manifest["plan"]), Mesh.tensor_parallel(tp_degree))
+    plan = _plan_from_dict(manifest["plan"], config.family)
+    return config, compute_layout(tensors, config, plan, plan.mesh(tp_degree))
 
 
 def load_presharded_state(
@@ -379,7 +391,7 @@ def load_presharded_state(
     start = time.perf_counter()
     compiled = Path(compiled_model_path)
     manifest, tp_changed = require_usable(compiled, tp_degree, dtype, model_path, reshard)
-    old_world = manifest["mesh"]["sizes"][manifest["mesh"]["axes"].index("tensor")]
+    old_world = math.prod(manifest["mesh"]["sizes"])
     torch_dtype = resolve_dtype(manifest["dtype"] if dtype == "auto" else dtype, config_from_dict(manifest["config"]))
     files = [rank_file(compiled, r) for r in range(old_world)]
     if not tp_changed:
