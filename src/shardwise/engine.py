@@ -141,8 +141,11 @@ def load_sharded(
         state, stats = load_rank_state(source, layout, comm.rank, torch_dtype, read_threads, progress)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    mesh = layout.mesh
     storage = storage_axes(mesh)
     if storage:
+        if weights == "presharded":
+            raise ShardwiseError("pre-sharded checkpoints hold tensor-parallel meshes only; shard this plan on load")
         # FSDP x TP: modules take their tensor-parallel shapes; pieces stored split are gathered on use.
         tp_layout = compute_layout(source.shapes(), config, plan.without_axes(storage), mesh)
         groups = axis_groups(mesh, comm.rank)
