@@ -180,5 +180,5 @@ def test_launch_gives_each_rank_its_own_thread_count(tmp_path):
 
     launch(_report_threads, 2, (str(tmp_path),), threads=(2, 1))
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["2", "1"]
-    with pytest.raises(ShardwiseError, match="must give each of the 2 ranks at least 1"):
+    with pytest.raises(ShardwiseError, match="must give each of the 2 local ranks at least 1"):
         launch(_report_threads, 2, (str(tmp_path),), threads=(1,))
