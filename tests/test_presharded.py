@@ -79,7 +79,8 @@ def test_stale_files_are_refused_with_the_reason(source, tmp_path, change, expec
     from shardwise import presharded
 
     if change == "plan":
-        plan = builtin_plan("llama").with_overrides(["model.layers.*.mlp.up_proj.weight=[null,null]"])
+        plan = builtin_plan("llama").with_overrides([f"model.layers.*.mlp.{n}.weight=[null,null]"
+                                                     for n in ("gate_proj", "up_proj", "down_proj")])
         _, problems = presharded.check_presharded(tmp_path / "c", tp, dtype, source, plan)
         assert expected in "; ".join(problems)
         return

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Load a checkpoint across --tp-degree ranks (shard-on-load) and generate text.")
     _add(run, "--model-path", default=None,
          help="HF checkpoint directory (config.json + safetensors); default: the bundled SmolLM2-135M-Instruct")
-    _add(run, "--tp-degree", type=int, default=2, help="tensor-parallel degree: number of ranks")
+    _add(run, "--tp-degree", type=int, default=None,
+         help="tensor-parallel degree: number of ranks (default 2, or the partition config's device count)")
     _add(run, "--torch-dtype", default="auto", help="dtype to cast weights to while loading (auto = config's)")
     _add(run, "--batch-size", type=int, default=1, help="prompts generated together")
     _add(run, "--max-context-length", type=int, default=1024, help="longest prompt accepted, in tokens")
@@ -81,6 +82,41 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
                        help="override one plan rule")
     _add_preshard_flags(shard, required=True)
+    shard.add_argument("--fsync", action="store_true",
+                       help="fsync each rank file before it is renamed into place (survives power loss; slower)")
+    _add(run, "--partition-config", default=None,
+         help="device partition config JSON (Cloud AI 100 form): its devices are the ranks, numCores their threads")
+    _add(run, "--partition", default=None, help="partition to use when the partition config has several")
+    _add(run, "--sequence-parallel-enabled", action="store_true",
+         help="split the residual stream by sequence over the tensor ranks (adds the family's sequence-parallel "
+              "activation rules to the plan)")
+
+    plan = sub.add_parser(
+        "plan", help="will it fit? bytes per rank and collective traffic, from config and headers only",
+        formatter_class=_Formatter,
+        description="Plan a model on a mesh without reading a weight: per rank parameter, KV-cache and activation "
+                    "bytes against the device's memory, and the bytes and time of the collectives per generated "
+                    "token. Works on a bare config.json, for models far bigger than this machine.")
+    _add(plan, "--model-path", required=True, help="HF checkpoint directory, or a config.json")
+    _add(plan, "--tp-degree", type=int, default=None, help="tensor-parallel degree (default 1, or the partition's)")
+    _add(plan, "--partition-config", default=None, help="device partition config JSON: its devices are the ranks")
+    _add(plan, "--partition", default=None, help="partition to use when the partition config has several")
+    _add(plan, "--batch-size", type=int, default=1, help="sequences generated together")
+    _add(plan, "--seq-len", type=int, default=2048, help="longest sequence (prompt + generated tokens)")
+    _add(plan, "--torch-dtype", default="auto", help="dtype of weights, cache and activations (auto = config's)")
+    _add(plan, "--device", default="cpu", help="cpu (memory: RAM share per rank) or cuda (device memory)")
+    _add(plan, "--device-memory-gib", type=float, default=None, help="memory per rank, overriding the machine's")
+    _add(plan, "--sharding-config", default=None, help="YAML sharding plan (default: the family's built-in plan)")
+    plan.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
+                      help="override one plan rule")
+    _add(plan, "--sequence-parallel-enabled", action="store_true", help="add the family's sequence-parallel rules")
+    from .planner import HOST_GBPS, HOST_LATENCY_US, P2P_GBPS, P2P_LATENCY_US
+
+    _add(plan, "--p2p-gbps", type=float, default=P2P_GBPS, help="assumed device-to-device bandwidth, GB/s")
+    _add(plan, "--p2p-latency-us", type=float, default=P2P_LATENCY_US, help="assumed p2p latency per ring hop")
+    _add(plan, "--host-gbps", type=float, default=HOST_GBPS, help="assumed bandwidth through the host, GB/s")
+    _add(plan, "--host-latency-us", type=float, default=HOST_LATENCY_US, help="assumed host latency per ring hop")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     conv = sub.add_parser("convert", help="convert a GGUF file to an HF safetensors checkpoint",
                           formatter_class=_Formatter,
@@ -114,7 +150,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     logging.getLogger("shardwise").info("Sharding weights for ranks: %d...%d", args.start_rank_id,
                                         args.start_rank_id + local - 1)
     stats = preshard(model_path, args.compiled_model_path, args.tp_degree, args.torch_dtype, plan,
-                     args.start_rank_id, args.local_ranks_size, progress=sys.stderr.isatty())
+                     args.start_rank_id, args.local_ranks_size, progress=sys.stderr.isatty(), durable=args.fsync)
     logging.getLogger("shardwise").info("Done sharding weights in %.3f seconds", stats.seconds)
     print(f"wrote ranks {stats.ranks_written or 'none'}, kept valid ranks {stats.ranks_skipped or 'none'}: "
           f"{stats.bytes_written / 1e6:.1f} MB in {stats.seconds:.2f} s")
@@ -140,12 +176,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(), compiled_model_path=args.compiled_model_path,
         save_sharded_checkpoint=args.save_sharded_checkpoint, skip_sharding=args.skip_sharding, reshard=args.reshard,
         start_rank_id=args.start_rank_id, local_ranks_size=args.local_ranks_size,
+        partition_config=args.partition_config, partition=args.partition,
+        sequence_parallel=args.sequence_parallel_enabled,
     )
     result = run(opts)
     if result.texts:
         print(f"\nLoad {result.load_seconds:.2f} s (sharding {result.shard_seconds:.2f} s); "
               f"prefill {result.prefill_tokens_per_second:.1f} tok/s; "
               f"decode {result.decode_tokens_per_second:.1f} tok/s")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .planner import Links, plan_model, report_json
+
+    report = plan_model(
+        args.model_path, args.tp_degree, args.partition_config, args.partition, args.batch_size, args.seq_len,
+        args.torch_dtype, args.device, args.device_memory_gib, args.sharding_config, args.overrides,
+        Links(args.p2p_gbps, args.p2p_latency_us, args.host_gbps, args.host_latency_us),
+        args.sequence_parallel_enabled,
+    )
+    print(report_json(report) if args.json else report.format())
     return 0
 
 
@@ -175,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "shard":
             return _cmd_shard(args)
+        if args.command == "plan":
+            return _cmd_plan(args)
         return _cmd_convert(args)
     except ShardwiseError as exc:
         if debug:

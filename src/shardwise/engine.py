@@ -24,8 +24,9 @@ from .loader import LoadStats, load_rank_state
 from .mesh import Mesh
 from .models.llama import LlamaForCausalLM
 from .parallel.comm import Collectives
-from .parallelize import assign_state, parallelize
-from .plan import Plan, resolve_plan
+from .parallel.fsdp import assign_stored, axis_groups, storage_axes
+from .parallelize import assign_state, check_runtime, parallelize
+from .plan import TENSOR_AXIS, Plan, resolve_plan
 
 log = logging.getLogger("shardwise")
 
@@ -43,13 +44,19 @@ def resolve_dtype(name: str | torch.dtype, config: ModelConfig) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
-def model_layout(model_path: str | Path, tp_degree: int, plan: Plan | None = None,
-                 config: ModelConfig | None = None, source: CheckpointSource | None = None) -> Layout:
-    """The layout for a checkpoint at a TP degree: headers and config only, no weights read."""
+def model_layout(model_path: str | Path, tp_degree: int | None = None, plan: Plan | None = None,
+                 config: ModelConfig | None = None, source: CheckpointSource | None = None,
+                 mesh: Mesh | None = None) -> Layout:
+    """The layout for a checkpoint on a mesh: headers and config only, no weights read.
+
+    The mesh is ``mesh`` if given, else the plan's (``tp_degree`` sizing its ``tensor`` axis).
+    """
     config = config or load_config(model_path)
     source = source or CheckpointSource(model_path)
-    check_tp_degree(config, tp_degree)
-    return compute_layout(source.shapes(), config, plan or resolve_plan(config.family), Mesh.tensor_parallel(tp_degree))
+    plan = plan or resolve_plan(config.family)
+    mesh = mesh or plan.mesh(tp_degree)
+    check_mesh(config, mesh)
+    return compute_layout(source.shapes(), config, plan, mesh)
 
 
 def check_tp_degree(config: ModelConfig, tp_degree: int) -> None:
@@ -60,6 +67,11 @@ def check_tp_degree(config: ModelConfig, tp_degree: int) -> None:
         raise ShardwiseError(
             f"--tp-degree {tp_degree} exceeds the model's {limit} attention heads: some ranks would hold only padding"
         )
+
+
+def check_mesh(config: ModelConfig, mesh: Mesh) -> None:
+    if TENSOR_AXIS in mesh.axis_names:
+        check_tp_degree(config, mesh.size(TENSOR_AXIS))
 
 
 @dataclass
@@ -120,14 +132,29 @@ def load_sharded(
         config = load_config(model_path)
         torch_dtype = resolve_dtype(dtype, config)
         source = CheckpointSource(model_path)
-        layout = model_layout(model_path, comm.world_size, plan, config, source)
+        plan = plan or resolve_plan(config.family)
+        mesh = plan.mesh(world_size=comm.world_size)
+        layout = model_layout(model_path, plan=plan, config=config, source=source, mesh=mesh)
+        check_runtime(layout)
         if comm.rank == 0:
             log.info("Sharding weights for ranks: 0...%d", comm.world_size - 1)
         state, stats = load_rank_state(source, layout, comm.rank, torch_dtype, read_threads, progress)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    parallelize(model, layout, comm.rank, comm)
-    assign_state(model, state)
+    mesh = layout.mesh
+    storage = storage_axes(mesh)
+    if storage:
+        if weights == "presharded":
+            raise ShardwiseError("pre-sharded checkpoints hold tensor-parallel meshes only; shard this plan on load")
+        # FSDP x TP: modules take their tensor-parallel shapes; pieces stored split are gathered on use.
+        tp_layout = compute_layout(source.shapes(), config, plan.without_axes(storage), mesh)
+        groups = axis_groups(mesh, comm.rank)
+        tp_comm = Collectives(groups.tensor)
+        parallelize(model, tp_layout, comm.rank, tp_comm)
+        assign_stored(model, state, layout, tp_layout, comm.rank, groups)
+    else:
+        parallelize(model, layout, comm.rank, comm)
+        assign_state(model, state)
     model.to(device)
     model.eval()
     return ShardedModel(model, config, layout, comm.rank, comm, stats, torch_dtype)

@@ -8,18 +8,31 @@ A rank's slice of one dimension is a list of *segments*: runs of source rows ``[
 or zero padding (``start is None``). Padding is what makes uneven splits exact: padded rows of a
 column-parallel weight produce zeros that the matching padded columns of the row-parallel weight
 ignore, and padded vocabulary rows are cut from the gathered logits.
+
+The layout also refuses what the model cannot run. Over the ``tensor`` axis a tensor may be split only
+along dimensions the family plan's ``tensor_parallel`` table lists (norm weights, for one, are read whole
+by every rank), tensors of one ``group`` (a layer's attention or MLP projections) are split together or
+not at all, and an uneven split is padded only where the table says padding is exact (``pad``);
+elsewhere the sizes must divide. Other axes (``fsdp``) only store a weight split, to be gathered when
+used, so they may split any dimension that divides (or a ``pad`` one unevenly).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .config import ModelConfig
 from .errors import ShardwiseError
 from .mesh import Mesh
-from .plan import Plan, Spec, spec_axes
+from .plan import TENSOR_AXIS, Plan, Rule, SequenceParallel, Spec, module_names, spec_axes
+
+log = logging.getLogger("shardwise")
+PAD_EXACT = ("padding is exact only for column-parallel output rows, row-parallel input columns, vocabulary rows "
+             "and attention heads")
 
 
 @dataclass(frozen=True)
@@ -151,14 +164,25 @@ def _group_index(mesh: Mesh, rank: int, axes: tuple[str, ...]) -> tuple[int, int
     return parts, index
 
 
-def _normalise(name: str, spec: Spec | None, ndim: int, mesh: Mesh) -> Spec:
-    if spec is None:
-        return (None,) * ndim
-    if len(spec) > ndim:
-        raise ShardwiseError(f"{name}: spec {list(spec)} has {len(spec)} entries but the tensor has {ndim} dimensions")
+def _rule_for(plan: Plan, name: str) -> Rule | None:
+    return next((r for r in reversed(plan.rules) if r.regex.match(name)), None)
+
+
+def _check_axes(what: str, spec: Spec, mesh: Mesh) -> None:
     for entry in spec:
         for axis in spec_axes(entry):
-            mesh.size(axis)  # raises a clear error for axes the mesh lacks
+            if axis not in mesh.axis_names:
+                raise ShardwiseError(f"{what}: axis {axis!r} is not in the mesh (axes {list(mesh.axis_names)})")
+
+
+def _normalise(name: str, rule: Rule | None, ndim: int, mesh: Mesh) -> Spec:
+    if rule is None:
+        return (None,) * ndim
+    spec, what = rule.spec, f"{name} (rule {rule.pattern!r})"
+    if len(spec) > ndim:
+        raise ShardwiseError(f"{what}: spec {_show(spec)} has {len(spec)} entries but the tensor has {ndim} "
+                             f"dimension{'s' if ndim != 1 else ''}")
+    _check_axes(what, spec, mesh)
     spec = tuple(spec) + (None,) * (ndim - len(spec))
     # Axes of size 1 split nothing; dropping them keeps "replicated" meaning "identical on every rank".
     return tuple(e if any(mesh.size(a) > 1 for a in spec_axes(e)) else None for e in spec)
@@ -184,8 +208,10 @@ def compute_layout(
     layouts: dict[str, TensorLayout] = {}
     for name, src in sources.items():
         shape, dtype = tensors[src]
-        spec = _normalise(name, plan.spec_for(name), len(shape), mesh)
+        rule = _rule_for(plan, name)
+        spec = _normalise(name, rule, len(shape), mesh)
         units = plan.units_for(name) or ()
+        _check_split(name, rule, spec, shape, units, plan, mesh)
         shards = []
         for rank in range(mesh.world_size):
             dims: list[Segments] = []
@@ -209,12 +235,181 @@ def compute_layout(
                     dims.append(_even_segments(shape[d], parts, index))
             shards.append(ShardSlice(tuple(dims)))
         layouts[name] = TensorLayout(name, src, dtype, tuple(shape), spec, tuple(shards))
-    activations = {r.pattern: r.spec for r in plan.rules if r.pattern not in layouts and not _matches_any(r, layouts)}
-    return Layout(mesh, layouts, activations)
+    for name, t in layouts.items():
+        src = layouts[t.source]
+        if t.source != name and t.shards != src.shards:
+            raise ShardwiseError(f"{name} is tied to {t.source} (tie_word_embeddings), so both must be split the same "
+                                 f"way; the plan gives {_show(t.spec)} and {_show(src.spec)}")
+    _check_groups(plan, layouts)
+    activations = _activations(plan, layouts, mesh)
+    sequence = _sequence_parallel(plan, module_names(list(layouts)), mesh)
+    uncovered = tuple(n for n in layouts if not plan.covers(n))
+    if uncovered:
+        log.info("%d tensor(s) match no rule and are replicated on every rank: %s", len(uncovered),
+                 ", ".join(sorted({_generic(n) for n in uncovered})))
+    return Layout(mesh, layouts, activations, uncovered, plan.output, sequence)
 
 
-def _matches_any(rule, layouts: dict[str, TensorLayout]) -> bool:
-    return any(rule.regex.match(n) for n in layouts)
+def _show(spec: Spec) -> str:
+    def one(e):
+        return "null" if e is None else e if isinstance(e, str) else "[" + ", ".join(e) + "]"
+    return "[" + ", ".join(one(e) for e in spec) + "]"
+
+
+def _generic(name: str) -> str:
+    return re.sub(r"\.\d+(?=\.|\Z)", ".*", name)
+
+
+def _check_split(name: str, rule: Rule | None, spec: Spec, shape: tuple[int, ...], units, plan: Plan,
+                 mesh: Mesh) -> None:
+    """Refuse splits the model cannot consume, and uneven splits that padding would make inexact."""
+    kinds = plan.splits_for(name)
+    what = f"{name} (rule {rule.pattern!r})" if rule else name
+    for d, entry in enumerate(spec):
+        if entry is None:
+            continue
+        axes = spec_axes(entry)
+        kind = kinds[d] if d < len(kinds) else None
+        if TENSOR_AXIS in axes and kind is None:
+            ok = [str(i) for i, k in enumerate(kinds) if k is not None]
+            why = (f"it can be split over 'tensor' along dimension {', '.join(ok)} only" if ok else
+                   "every tensor-parallel rank reads it whole; split it over a storage axis such as fsdp, "
+                   "or not at all")
+            raise ShardwiseError(f"{what}: the model cannot consume dimension {d} split over 'tensor': {why}")
+        parts = math.prod(mesh.size(a) for a in axes)
+        unit = units[d] if d < len(units) else None
+        if shape[d] % parts and kind != "pad" and unit is None:
+            raise ShardwiseError(f"{what}: dimension {d} ({shape[d]}) does not divide into {parts} parts over "
+                                 f"{' x '.join(axes)}, and padding it would not be exact ({PAD_EXACT})")
+
+
+def _check_groups(plan: Plan, layouts: dict[str, TensorLayout]) -> None:
+    """Tensors of one group instance (one layer's attention, say) use `tensor` alike, or none of them does."""
+    compiled = [[Rule(p, ()).regex for p in group] for group in plan.groups]
+    seen: dict[tuple[int, tuple[str, ...]], tuple[str, object]] = {}
+    for name, t in layouts.items():
+        for g, regexes in enumerate(compiled):
+            if not any(rx.match(name) for rx in regexes):
+                continue
+            usage = next((spec_axes(e) for e in t.spec if TENSOR_AXIS in spec_axes(e)), None)
+            key = (g, tuple(re.findall(r"\.(\d+)(?=\.|\Z)", name)))
+            if key not in seen:
+                seen[key] = (name, usage)
+                continue
+            other, other_usage = seen[key]
+            if usage != other_usage:
+                def how(u):
+                    return "not split over 'tensor'" if u is None else f"split over {' x '.join(u)}"
+                raise ShardwiseError(
+                    f"{other} is {how(other_usage)} but {name} is {how(usage)}: they must be split over 'tensor' "
+                    "together or not at all (a row-parallel projection consumes its partners' split output)")
+
+
+def _activations(plan: Plan, layouts: dict[str, TensorLayout], mesh: Mesh) -> dict[str, Spec]:
+    """Module-output rules, checked: real axes, not longer than an output, and producible by the runtime.
+
+    Under tensor parallelism only a column-parallel module's output can stay split (over `tensor`, last
+    dimension); every other module's output is whole on every rank, and the family's output module
+    (lm_head) is always gathered because generation reads whole logits.
+    """
+    modules = module_names(list(layouts))
+    stream = set(_stream_modules(plan.sequence, modules)) if plan.sequence else set()
+    out: dict[str, Spec] = {}
+    for rule in plan.rules:
+        if rule.output_index is None and any(rule.regex.match(n) for n in layouts):
+            continue
+        matched = [m for m in modules if Rule(rule.module, ()).regex.match(m)]
+        if not matched:
+            continue  # an optional family rule for a tensor this model lacks (e.g. a bias)
+        what = f"activation rule {rule.pattern!r}"
+        if len(rule.spec) > plan.activation_rank:
+            raise ShardwiseError(f"{what}: spec {_show(rule.spec)} has {len(rule.spec)} entries but module outputs "
+                                 f"have {plan.activation_rank} dimensions (batch, sequence, features)")
+        _check_axes(what, rule.spec, mesh)
+        for d, entry in enumerate(rule.spec):
+            if TENSOR_AXIS not in spec_axes(entry) or mesh.size(TENSOR_AXIS) == 1:
+                continue
+            for m in matched:
+                if m in stream and d == plan.sequence.dim and rule.output_index is None:
+                    continue  # sequence parallelism; checked as a whole in _sequence_parallel
+                weight = layouts.get(f"{m}.weight")
+                column = weight is not None and TENSOR_AXIS in spec_axes(weight.spec[0])
+                if m == plan.output:
+                    raise ShardwiseError(f"{what}: generation reads the whole output of {m} on every rank; "
+                                         "it cannot stay split over 'tensor'")
+                if not column or d != plan.activation_rank - 1 or rule.output_index is not None:
+                    raise ShardwiseError(
+                        f"{what}: under tensor parallelism the output of {m} is whole on every rank "
+                        "(only a column-parallel linear's last dimension can stay split over 'tensor')")
+        out[rule.pattern] = rule.spec
+    return out
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return bool(Rule(pattern, ()).regex.match(name))
+
+
+def _instantiate(pattern: str, name: str) -> str:
+    """Put ``name``'s integers into ``pattern``'s stars: (model.layers.*.x, model.layers.3.q) -> model.layers.3.x."""
+    numbers = iter(re.findall(r"(?<=\.)\d+(?=\.|\Z)", name))
+    return re.sub(r"\*", lambda _: next(numbers, "*"), pattern)
+
+
+def _stream_modules(seq: SequenceParallel, modules: list[str]) -> list[str]:
+    """Modules whose output is the residual stream or a norm of it: those sequence parallelism splits."""
+    residual = [m for m in modules if any(_matches(p, m) for p in seq.residual)]
+    norms = [m for m in modules if any(_matches(p, m) for p in seq.norms)]
+    containers = [m for m in modules if m != "model" and any(r.startswith(m + ".") for r in residual)]
+    return residual + norms + containers
+
+
+def output_spec(plan_rules, module: str) -> Spec | None:
+    """The spec of the last activation rule naming ``module`` (tuple-element rules excluded)."""
+    spec = None
+    for rule in plan_rules:
+        if rule.output_index is None and _matches(rule.pattern, module):
+            spec = rule.spec
+    return spec
+
+
+def _sequence_parallel(plan: Plan, modules: list[str], mesh: Mesh) -> SequenceParallel | None:
+    """Whether the plan turns sequence parallelism on, checked for consistency; its family data if so."""
+    seq = plan.sequence
+    if seq is None or TENSOR_AXIS not in mesh.axis_names or mesh.size(TENSOR_AXIS) == 1:
+        return None
+
+    def split(m: str) -> bool:
+        spec = output_spec(plan.rules, m)
+        return spec is not None and len(spec) > seq.dim and TENSOR_AXIS in spec_axes(spec[seq.dim])
+
+    residual = [m for m in modules if any(_matches(p, m) for p in seq.residual)]
+    on = [m for m in residual if split(m)]
+    if on and len(on) != len(residual):
+        off = next(m for m in residual if not split(m))
+        raise ShardwiseError(
+            f"sequence parallelism splits the residual stream: the output of {on[0]} is split by sequence but that "
+            f"of {off} is not; split the outputs of all of {', '.join(seq.residual)} as [null, tensor, null]")
+    stream = _stream_modules(seq, modules)
+    if not on:
+        for m in stream:
+            if split(m):
+                raise ShardwiseError(
+                    f"the rule for {m} splits the sequence over 'tensor', which needs sequence parallelism: the "
+                    f"outputs of {', '.join(seq.residual)} split as [null, tensor, null] too "
+                    "(or --sequence-parallel-enabled)")
+        return None
+    for m in stream:
+        if m not in residual and not any(_matches(p, m) for p in seq.norms):
+            spec = output_spec(plan.rules, m)
+            if spec is not None and not split(m):
+                raise ShardwiseError(f"the output of {m} is the residual stream, which sequence parallelism splits by "
+                                     f"sequence; its rule {_show(spec)} says otherwise")
+    feeds_output = dict(seq.inputs).get(plan.output or "")
+    for m in modules:
+        if feeds_output and _matches(feeds_output, m) and split(m):
+            raise ShardwiseError(f"generation takes the last position of {m}'s output, so it must be whole: "
+                                 f"{m}: [null, null, null]")
+    return seq
 
 
 @dataclass(frozen=True)
@@ -222,13 +417,48 @@ class Layout:
     mesh: Mesh
     tensors: dict[str, TensorLayout]
     activations: dict[str, Spec]  # module-name pattern -> spec of that module's output
+    uncovered: tuple[str, ...] = ()  # tensors no rule matches: replicated on every rank
+    output: str | None = None  # the module whose output is always gathered (lm_head)
+    sequence: SequenceParallel | None = None  # set when the plan turns sequence parallelism on
 
     def for_rank(self, rank: int) -> dict[str, ShardSlice]:
         return {name: t.shards[rank] for name, t in self.tensors.items()}
 
+    def sequence_boundaries(self) -> tuple[list[str], list[str], list[str]]:
+        """Where sequence parallelism moves data: (modules whose output is scattered by sequence, modules
+        whose output is gathered, modules whose input is gathered). Empty unless it is on."""
+        seq = self.sequence
+        if seq is None:
+            return [], [], []
+        rules = [Rule(p, s) for p, s in self.activations.items()]
+
+        def split(m: str) -> bool:
+            spec = output_spec(rules, m)
+            return spec is not None and len(spec) > seq.dim and TENSOR_AXIS in spec_axes(spec[seq.dim])
+
+        scatter, gather_out, gather_in = [], [], []
+        for m in module_names(list(self.tensors)):
+            if any(_matches(p, m) for p in seq.residual):
+                scatter.append(m)
+            elif any(_matches(p, m) for p in seq.norms) and not split(m):
+                gather_out.append(m)
+            if any(_matches(c, m) and split(_instantiate(p, m)) for c, p in seq.inputs):
+                gather_in.append(m)
+        return scatter, gather_out, gather_in
+
     @property
     def replicated_names(self) -> list[str]:
+        """Tensors identical on every rank: those no rule covers, and those whose rule splits nothing."""
         return [n for n, t in self.tensors.items() if t.replicated]
+
+    def rank_bytes(self, rank: int, itemsize: int, include_tied: bool = False) -> int:
+        """Bytes of parameters ``rank`` holds at ``itemsize`` bytes per element, padding included.
+
+        Tied parameters (lm_head reusing the embedding) share the tensor they reuse, so they are not
+        counted twice unless ``include_tied``.
+        """
+        return sum(math.prod(t.shards[rank].local_shape) * itemsize for t in self.tensors.values()
+                   if include_tied or t.source == t.name)
 
     def gather_index(self, name: str, dim: int) -> list[int] | None:
         """Where each source row lands when rank-local rows of ``dim`` are concatenated in rank order.

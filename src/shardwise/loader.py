@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointSource, SliceReader
+from .checkpoint import Arena, CheckpointSource, SliceReader
 from .layout import Layout
 
 log = logging.getLogger("shardwise")
@@ -20,8 +20,9 @@ log = logging.getLogger("shardwise")
 @dataclass
 class LoadStats:
     seconds: float
-    bytes_read: int
-    bytes_held: int
+    bytes_read: int  # source bytes of this rank's slices
+    bytes_held: int  # bytes of the tensors built (padding included)
+    bytes_fetched: int = 0  # file bytes copied or mapped to get them (whole rows for wide column slices)
 
 
 def load_rank_state(
@@ -40,12 +41,15 @@ def load_rank_state(
     start = time.perf_counter()
     reader = SliceReader(source)
     todo = [(name, t) for name, t in layout.tensors.items() if t.source == name]
+    arena = Arena(sum(Arena.size_of(t.shards[rank].local_shape, dtype) for _, t in todo))
+    outs = {name: arena.take(t.shards[rank].local_shape, dtype) for name, t in todo}
     state: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(todo), desc=f"rank {rank} loading", unit="tensor", disable=not progress,
                file=sys.stderr, leave=False)
     try:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            futures = {name: pool.submit(reader.read, t.source, t.shards[rank], dtype) for name, t in todo}
+            futures = {name: pool.submit(reader.read, t.source, t.shards[rank], dtype, outs[name])
+                       for name, t in todo}
             for name, fut in futures.items():
                 state[name] = fut.result()
                 bar.update(1)
@@ -53,4 +57,4 @@ def load_rank_state(
         bar.close()
         reader.close()
     held = sum(t.numel() * t.element_size() for t in state.values())
-    return state, LoadStats(time.perf_counter() - start, reader.bytes_read, held)
+    return state, LoadStats(time.perf_counter() - start, reader.bytes_read, held, reader.bytes_fetched)

@@ -30,6 +30,10 @@ class Mesh:
     def tensor_parallel(cls, tp_degree: int) -> Mesh:
         return cls(("tensor",), (int(tp_degree),))
 
+    def describe(self) -> str:
+        """``fsdp=2 x tensor=4``: how the mesh is written in messages."""
+        return " x ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.axis_sizes))
+
     @property
     def world_size(self) -> int:
         return math.prod(self.axis_sizes)

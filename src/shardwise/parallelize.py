@@ -15,7 +15,8 @@ from .errors import ShardwiseError
 from .layout import Layout, TensorLayout
 from .parallel.comm import Collectives
 from .parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
-from .plan import Rule
+from .parallel.sequence import apply_sequence_parallel
+from .plan import TENSOR_AXIS, Rule, spec_axes
 
 
 def _output_replicated(layout: Layout, module_name: str) -> bool:
@@ -29,7 +30,7 @@ def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, 
     shard = t.shards[rank]
     bias = module.bias is not None
     if t.split_dims == (0,):
-        gather = _output_replicated(layout, name)
+        gather = name == layout.output or _output_replicated(layout, name)
         return ColumnParallelLinear(
             module.in_features, module.out_features, bias=bias, gather_output=gather, comm=comm,
             local_out_features=shard.local_shape[0],
@@ -41,6 +42,29 @@ def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, 
             local_in_features=shard.local_shape[1], device="meta",
         )
     raise ShardwiseError(f"{name}: splitting a linear weight along dims {t.split_dims} is not supported")
+
+
+def check_runtime(layout: Layout) -> None:
+    """Refuse layouts the layout language allows but this runtime cannot run.
+
+    Storage axes (fsdp) are run by gathering weights along them (``parallel/fsdp.py``), which needs
+    each dimension split over `tensor` or over storage axes, not both; and module outputs cannot be
+    split over a storage axis (generation keeps every rank's batch whole).
+    """
+    for t in layout.tensors.values():
+        for d, entry in enumerate(t.spec):
+            axes = spec_axes(entry)
+            if TENSOR_AXIS in axes and len(axes) > 1:
+                raise ShardwiseError(
+                    f"{t.name}: dimension {d} is split over {' x '.join(axes)}; `shardwise run` needs each dimension "
+                    "split over 'tensor' or over storage axes such as fsdp, not both (e.g. [tensor, fsdp]); "
+                    "`shardwise plan` accepts it")
+    for pattern, spec in layout.activations.items():
+        storage = [a for e in spec for a in spec_axes(e) if a != TENSOR_AXIS and layout.mesh.size(a) > 1]
+        if storage:
+            raise ShardwiseError(
+                f"activation rule {pattern!r} splits a module output over {storage[0]}: `shardwise run` keeps every "
+                "rank's batch whole (each fsdp replica generates the whole batch); `shardwise plan` accepts it")
 
 
 def parallelize(model: nn.Module, layout: Layout, rank: int, comm: Collectives) -> nn.Module:
@@ -65,6 +89,7 @@ def parallelize(model: nn.Module, layout: Layout, rank: int, comm: Collectives) 
         else:
             continue
         model.set_submodule(name, new)
+    apply_sequence_parallel(model, layout, comm)
     return model
 
 

@@ -3,15 +3,25 @@
 Semantics follow torchprime's sharding configs: ``*`` matches any integer index; a spec has one entry
 per tensor dimension, each a mesh axis name, a list of axis names (the dimension split over several
 axes, outer first), or ``null`` (not split). A rule naming a module instead of a tensor shards that
-module's output (``name[i]`` for element ``i`` of a tuple output). Stricter than torchprime: a rule
-that matches nothing is an error that names the closest real names.
+module's output (``name[i]`` for element ``i`` of a tuple output). An optional ``mesh`` section names
+the axes and, optionally, their sizes (``mesh: {axes: [fsdp, tensor], sizes: [2, 2]}``).
+
+Stricter than torchprime: a rule that matches nothing is an error that names the closest real
+names, and specs are checked against the mesh and the tensors (see ``layout.py``).
+
+Besides the rules, a built-in family plan carries *family knowledge* that user plans inherit:
+``units`` (the indivisible slot of a dimension, e.g. whole attention heads), ``tensor_parallel``
+(which dimensions the model code can consume split over the ``tensor`` axis, and whether an uneven
+split may be padded exactly), ``groups`` (tensors that must be split over ``tensor`` together),
+``output`` (the module whose output generation reads whole) and ``sequence_parallel`` (how
+sequence parallelism maps onto the model, and the rules ``--sequence-parallel-enabled`` adds).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Union
@@ -19,9 +29,14 @@ from typing import Union
 import yaml
 
 from .errors import ShardwiseError
+from .mesh import Mesh
 
-AxisEntry = Union[str, tuple[str, ...], None]  # noqa: UP007 (a runtime alias; `|` needs 3.10 types)
+AxisEntry = Union[str, tuple[str, ...], None]  # noqa: UP007 (a runtime alias on 3.10)
 Spec = tuple[AxisEntry, ...]
+
+
+TENSOR_AXIS = "tensor"  # the axis the model code consumes split (parallel layers); --tp-degree sizes it
+SPLIT_KINDS = ("pad", "even")  # tensor_parallel entries: uneven splits padded exactly, or only equal parts
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,38 @@ class Rule:
     @property
     def regex(self) -> re.Pattern[str]:
         return _compile(self.pattern)
+
+    @property
+    def module(self) -> str:
+        """The pattern without a tuple index: ``model.layers.*[0]`` -> ``model.layers.*``."""
+        return _TUPLE_INDEX.sub("", self.pattern)
+
+    @property
+    def output_index(self) -> int | None:
+        """``i`` for a rule on element ``i`` of a module's tuple output, else None."""
+        m = _TUPLE_INDEX.search(self.pattern)
+        return int(m.group(1)) if m else None
+
+
+_TUPLE_INDEX = re.compile(r"\[(\d+)\]\Z")
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """Family knowledge for sequence parallelism (NxD's ``--sequence-parallel-enabled``) as a plan.
+
+    With activation rules splitting the ``dim`` (sequence) of the ``residual`` modules' outputs over
+    ``tensor``, the residual stream between them is split by sequence: those outputs are reduce-
+    scattered, each ``norms`` module works on its slice (and gathers its output unless its own rule
+    keeps it split), and each module of ``inputs`` gathers its input when the module it reads from
+    (``inputs[module]``) has a split output. ``rules`` are the activation rules that turn it on.
+    """
+
+    dim: int
+    residual: tuple[str, ...]
+    norms: tuple[str, ...]
+    inputs: tuple[tuple[str, str], ...]
+    rules: tuple[str, ...]
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -70,9 +117,14 @@ class Plan:
 
     rules: tuple[Rule, ...]
     units: tuple[tuple[str, tuple[str | None, ...]], ...] = ()
-    mesh_axes: tuple[str, ...] = ("tensor",)
+    mesh_axes: tuple[str, ...] = (TENSOR_AXIS,)
     source: str = "<inline>"
-    _unit_regex: dict = field(default_factory=dict, compare=False, repr=False)
+    mesh_sizes: tuple[int, ...] | None = None  # None: --tp-degree (or the partition) sizes the `tensor` axis
+    tensor_parallel: tuple[tuple[str, tuple[str | None, ...]], ...] = ()  # family: consumable split dims
+    groups: tuple[tuple[str, ...], ...] = ()  # family: tensors split over `tensor` together or not at all
+    output: str | None = None  # family: module whose output generation needs whole (lm_head)
+    activation_rank: int = 3  # family: dimensions of a module output ([batch, seq, features])
+    sequence: SequenceParallel | None = None  # family: how sequence parallelism maps onto the model
 
     def spec_for(self, name: str) -> Spec | None:
         """The spec of the last rule that matches ``name`` (later rules, e.g. overrides, win)."""
@@ -81,11 +133,58 @@ class Plan:
                 return rule.spec
         return None
 
+    def covers(self, name: str) -> bool:
+        return any(rule.regex.match(name) for rule in self.rules)
+
     def units_for(self, name: str) -> tuple[str | None, ...] | None:
-        for pattern, units in self.units:
-            if _compile(pattern).match(name):
-                return units
-        return None
+        return _lookup(self.units, name)
+
+    def splits_for(self, name: str) -> tuple[str | None, ...]:
+        """Per dimension, how the model consumes ``name`` split over ``tensor``: pad, even or None (not)."""
+        return _lookup(self.tensor_parallel, name) or ()
+
+    def with_family(self, family: Plan) -> Plan:
+        """This plan's rules and mesh with ``family``'s units, consumable splits, groups and output."""
+        return replace(family, rules=self.rules, mesh_axes=self.mesh_axes, mesh_sizes=self.mesh_sizes,
+                       source=self.source)
+
+    def without_axes(self, axes: tuple[str, ...]) -> Plan:
+        """This plan with ``axes`` removed from every spec: e.g. the tensor-parallel part of an FSDP x TP plan."""
+        def strip(entry: AxisEntry) -> AxisEntry:
+            kept = tuple(a for a in spec_axes(entry) if a not in axes)
+            return None if not kept else kept[0] if len(kept) == 1 else kept
+
+        return replace(self, rules=tuple(replace(r, spec=tuple(strip(e) for e in r.spec)) for r in self.rules))
+
+    def mesh(self, tp_degree: int | None = None, world_size: int | None = None) -> Mesh:
+        """The mesh this plan runs on.
+
+        With ``sizes`` in the plan they are the mesh (``tp_degree``/``world_size``, if given, must agree).
+        Without, the ``tensor`` axis takes ``tp_degree`` (or the whole ``world_size``, e.g. the devices of
+        a partition config) and any other axis must be given a size in the plan.
+        """
+        axes = self.mesh_axes
+        if self.mesh_sizes is not None:
+            mesh = Mesh(axes, self.mesh_sizes)
+            if tp_degree is not None and TENSOR_AXIS in axes and mesh.size(TENSOR_AXIS) != tp_degree:
+                raise ShardwiseError(f"{self.source}: the mesh gives axis 'tensor' size {mesh.size(TENSOR_AXIS)} "
+                                     f"but --tp-degree is {tp_degree}; drop one of them")
+        else:
+            if TENSOR_AXIS not in axes:
+                raise ShardwiseError(f"{self.source}: mesh axes {list(axes)} need `sizes` (only the 'tensor' axis "
+                                     "is sized by --tp-degree)")
+            if len(axes) > 1:
+                others = [a for a in axes if a != TENSOR_AXIS]
+                raise ShardwiseError(f"{self.source}: give `sizes` for mesh axes {list(axes)}; --tp-degree sizes only "
+                                     f"'tensor', not {others}")
+            size = tp_degree if tp_degree is not None else world_size
+            if size is None:
+                raise ShardwiseError(f"{self.source}: the mesh has no sizes; give --tp-degree")
+            mesh = Mesh(axes, (int(size),))
+        if world_size is not None and mesh.world_size != world_size:
+            raise ShardwiseError(f"{self.source}: the mesh {mesh.describe()} has {mesh.world_size} ranks but "
+                                 f"{world_size} devices were given")
+        return mesh
 
     def with_overrides(self, overrides: list[str]) -> Plan:
         """Apply ``name=[spec]`` strings from the command line; each replaces or adds one rule."""
@@ -98,43 +197,120 @@ class Plan:
                 parsed = yaml.safe_load(value)
             except yaml.YAMLError as exc:
                 raise ShardwiseError(f"--set {text!r}: the spec is not valid YAML ({exc.problem})") from None
-            spec = parse_spec(parsed, f"--set {name.strip()}")
-            rules = [r for r in rules if r.pattern != name.strip()] + [Rule(name.strip(), spec)]
-        return Plan(tuple(rules), self.units, self.mesh_axes, self.source)
+            name = name.strip()
+            if not name:
+                raise ShardwiseError(f"--set {text!r}: the name before '=' is empty")
+            spec = parse_spec(parsed, f"--set {name}")
+            rules = [r for r in rules if r.pattern != name] + [Rule(name, spec)]
+        return replace(self, rules=tuple(rules))
 
     def check_against(self, names: list[str]) -> None:
         """Refuse rules that match no tensor and no module: a typo must not silently replicate."""
-        modules = sorted({n.rsplit(".", 1)[0] for n in names})
+        modules = module_names(names)
         for rule in self.rules:
             if not rule.required:
                 continue
-            base = re.sub(r"\[\d+\]\Z", "", rule.pattern)
-            rx = _compile(base)
-            if any(rx.match(n) for n in names) or any(rx.match(m) for m in modules):
+            if rule.output_index is None and any(rule.regex.match(n) for n in names):
                 continue
-            close = difflib.get_close_matches(_generic(base), sorted({_generic(n) for n in names + modules}), 3, 0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ShardwiseError(f"{self.source}: rule {rule.pattern!r} matches no tensor or module{hint}")
+            rx = _compile(rule.module)
+            if any(rx.match(m) for m in modules):
+                continue
+            candidates = sorted({_generic(n) for n in names} | {_generic(m) for m in modules})
+            close = difflib.get_close_matches(_generic(rule.module), candidates, 3, 0.6)
+            hint = f"; nearest real names: {', '.join(close)}" if close else ""
+            what = "module" if rule.output_index is not None else "tensor or module"
+            raise ShardwiseError(f"{self.source}: rule {rule.pattern!r} matches no {what}{hint}")
+
+
+def module_names(names: list[str]) -> list[str]:
+    """Every module path implied by parameter names: all dotted prefixes (``model.layers.0``, ...)."""
+    out: set[str] = set()
+    for n in names:
+        parts = n.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return sorted(out)
+
+
+def _lookup(table: tuple[tuple[str, tuple[str | None, ...]], ...], name: str) -> tuple[str | None, ...] | None:
+    for pattern, value in table:
+        if _compile(pattern).match(name):
+            return value
+    return None
 
 
 def _generic(name: str) -> str:
-    return re.sub(r"\.\d+\.", ".*.", name)
+    return re.sub(r"\.\d+(?=\.|\Z)", ".*", name)
+
+
+FAMILY_KEYS = ("units", "tensor_parallel", "groups", "output", "activation_rank", "sequence_parallel")
 
 
 def _parse(data: object, source: str, required: bool = True) -> Plan:
     if not isinstance(data, dict):
         raise ShardwiseError(f"{source}: a sharding plan is a YAML mapping")
-    body = data.get("sharding", data if "sharding" not in data and "units" not in data else {})
-    mesh = data.get("mesh", {}) or {}
+    if "sharding" in data:
+        body = data["sharding"]
+        unknown = sorted(set(data) - {"sharding", "mesh", *FAMILY_KEYS})
+        if unknown:
+            raise ShardwiseError(f"{source}: unknown top-level key {unknown[0]!r}; expected sharding, mesh")
+    else:  # torchprime's flat form: the whole file is the rule mapping (plus an optional mesh)
+        body = {k: v for k, v in data.items() if k not in ("mesh", *FAMILY_KEYS)}
     if not isinstance(body, dict):
         raise ShardwiseError(f"{source}: `sharding` must map names to partition specs")
-    rules = tuple(
-        Rule(str(name), parse_spec(spec, f"{source}: {name}"), required)
-        for name, spec in body.items() if name != "mesh"
-    )
-    units = tuple((str(k), tuple(v)) for k, v in (data.get("units") or {}).items())
-    axes = tuple(mesh.get("axes", ("tensor",))) if isinstance(mesh, dict) else ("tensor",)
-    return Plan(rules, units, axes, source)
+    rules = tuple(Rule(str(name), parse_spec(spec, f"{source}: {name}"), required) for name, spec in body.items())
+    axes, sizes = _parse_mesh(data.get("mesh"), source)
+    units = _table(data.get("units"), source, "units", ("heads", "kv_heads"))
+    tp = _table(data.get("tensor_parallel"), source, "tensor_parallel", SPLIT_KINDS)
+    groups = data.get("groups") or []
+    if not isinstance(groups, list) or not all(isinstance(g, list) and all(isinstance(n, str) for n in g)
+                                               for g in groups):
+        raise ShardwiseError(f"{source}: `groups` is a list of lists of tensor names")
+    return Plan(rules, units, axes, source, sizes, tp, tuple(tuple(g) for g in groups), data.get("output"),
+                int(data.get("activation_rank", 3)), _parse_sequence(data.get("sequence_parallel"), source))
+
+
+def _parse_sequence(value: object, source: str) -> SequenceParallel | None:
+    if value is None:
+        return None
+    try:
+        return SequenceParallel(int(value["dim"]), tuple(value["residual"]), tuple(value["norms"]),
+                                tuple((str(k), str(v)) for k, v in value["inputs"].items()),
+                                tuple(str(r) for r in value["rules"]))
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise ShardwiseError(f"{source}: `sequence_parallel` needs dim, residual, norms, inputs and rules") from None
+
+
+def _parse_mesh(mesh: object, source: str) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+    if mesh is None:
+        return (TENSOR_AXIS,), None
+    if not isinstance(mesh, dict) or set(mesh) - {"axes", "sizes"}:
+        raise ShardwiseError(f"{source}: `mesh` is a mapping with `axes` (names) and optional `sizes`")
+    axes = mesh.get("axes", [TENSOR_AXIS])
+    if not isinstance(axes, list) or not axes or not all(isinstance(a, str) and a for a in axes):
+        raise ShardwiseError(f"{source}: mesh `axes` must be a non-empty list of axis names, got {axes!r}")
+    if len(set(axes)) != len(axes):
+        raise ShardwiseError(f"{source}: mesh axes repeat: {axes}")
+    sizes = mesh.get("sizes")
+    if sizes is None:
+        return tuple(axes), None
+    if (not isinstance(sizes, list) or len(sizes) != len(axes)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)):
+        raise ShardwiseError(f"{source}: mesh `sizes` must be one positive integer per axis {axes}, got {sizes!r}")
+    return tuple(axes), tuple(sizes)
+
+
+def _table(value: object, source: str, key: str, allowed: tuple[str, ...]):
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ShardwiseError(f"{source}: `{key}` must map tensor names to per-dimension lists")
+    out = []
+    for name, dims in value.items():
+        if not isinstance(dims, list) or any(d is not None and d not in allowed for d in dims):
+            raise ShardwiseError(
+                f"{source}: {key}.{name} entries are one of {', '.join(allowed)} or null, got {dims!r}")
+        out.append((str(name), tuple(dims)))
+    return tuple(out)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -154,11 +330,19 @@ def builtin_plan(family: str) -> Plan:
     return _parse(yaml.safe_load(text), f"built-in plan {family}.yaml", required=False)
 
 
-def resolve_plan(family: str, sharding_config: str | Path | None = None, overrides: list[str] | None = None) -> Plan:
-    """The user's plan (or the family's), with the family's split units and any overrides applied."""
-    family_plan = builtin_plan(family)
-    plan = family_plan
+def resolve_plan(family: str, sharding_config: str | Path | None = None, overrides: list[str] | None = None,
+                 sequence_parallel: bool = False) -> Plan:
+    """The user's plan (or the family's), with the family's knowledge and any overrides applied.
+
+    ``sequence_parallel`` (NxD's ``--sequence-parallel-enabled``) adds the family's sequence-parallel
+    activation rules, as if given with ``--set`` before ``overrides``.
+    """
+    plan = builtin_plan(family)
     if sharding_config is not None:
-        user = load_plan(sharding_config)
-        plan = Plan(user.rules, family_plan.units, user.mesh_axes, user.source)
-    return plan.with_overrides(overrides or [])
+        plan = load_plan(sharding_config).with_family(plan)
+    extra: list[str] = []
+    if sequence_parallel:
+        if plan.sequence is None:
+            raise ShardwiseError(f"the {family} family has no sequence-parallel rules")
+        extra = list(plan.sequence.rules)
+    return plan.with_overrides(extra + list(overrides or []))

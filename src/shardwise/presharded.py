@@ -21,23 +21,33 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPE_NAMES, CheckpointSource, SliceReader, read_header
+from .checkpoint import (
+    DTYPE_NAMES,
+    DTYPES,
+    Arena,
+    CheckpointSource,
+    SliceReader,
+    _bytes_of,
+    _pread_exact,
+    _scratch,
+    read_header,
+)
 from .config import ModelConfig, config_from_dict, load_config
-from .engine import check_tp_degree, resolve_dtype
+from .engine import check_mesh, resolve_dtype
 from .errors import ShardwiseError
 from .layout import Layout, compute_layout
 from .loader import LoadStats
-from .mesh import Mesh
 from .plan import Plan, Rule, resolve_plan
 
 log = logging.getLogger("shardwise")
@@ -84,16 +94,25 @@ def _file_fingerprint(path: Path, samples: int = 16, block: int = 1 << 16) -> di
     return {"file": path.name, "size": size, "header_sha256": header_hash, "data_sample_sha256": data.hexdigest()}
 
 
-def _plan_dict(plan: Plan) -> dict:
+def _plan_dict(plan: Plan, names: list[str]) -> dict:
+    """The part of a plan that decides weights: rules matching a tensor, units, mesh axes.
+
+    Activation rules (e.g. sequence parallelism) change no weight, so they do not make files stale.
+    """
+    rules = [r for r in plan.rules if any(r.regex.match(n) for n in names)]
     return {"rules": [[r.pattern, [list(e) if isinstance(e, tuple) else e for e in r.spec], r.required]
-                      for r in plan.rules],
-            "units": [[p, list(u)] for p, u in plan.units], "mesh_axes": list(plan.mesh_axes)}
+                      for r in rules],
+            "units": [[p, list(u)] for p, u in plan.units], "mesh_axes": list(plan.mesh_axes),
+            "mesh_sizes": list(plan.mesh_sizes) if plan.mesh_sizes else None}
 
 
-def _plan_from_dict(data: dict) -> Plan:
+def _plan_from_dict(data: dict, family: str) -> Plan:
+    """The stored weight rules on top of the family's knowledge (units, consumable splits, output)."""
     rules = tuple(Rule(p, tuple(tuple(e) if isinstance(e, list) else e for e in spec), req)
                   for p, spec, req in data["rules"])
-    return Plan(rules, tuple((p, tuple(u)) for p, u in data["units"]), tuple(data["mesh_axes"]), "manifest")
+    sizes = tuple(data["mesh_sizes"]) if data.get("mesh_sizes") else None
+    return replace(resolve_plan(family), rules=rules, mesh_axes=tuple(data["mesh_axes"]), mesh_sizes=sizes,
+                   source="the pre-sharded checkpoint's manifest")
 
 
 def _digest(obj) -> str:
@@ -111,13 +130,14 @@ def build_manifest(source: CheckpointSource, config: ModelConfig, plan: Plan, la
     body = {
         "source": [_file_fingerprint(f) for f in source.files],
         "config_sha256": _digest(config.raw),
-        "plan_sha256": _digest(_plan_dict(plan)),
+        "plan_sha256": _digest(_plan_dict(plan, list(layout.tensors))),
         "mesh": {"axes": list(layout.mesh.axis_names), "sizes": list(layout.mesh.axis_sizes)},
         "dtype": str(dtype).replace("torch.", ""),
         "conversions": conversions,
     }
     return {"format": FORMAT, "version": VERSION, "key": _digest(body), **body,
-            "source_path": str(source.path.resolve()), "plan": _plan_dict(plan), "config": config.raw,
+            "source_path": str(source.path.resolve()), "plan": _plan_dict(plan, list(layout.tensors)),
+            "config": config.raw,
             "tensors": {n: [list(s), d] for n, (s, d) in source.shapes().items()}}
 
 
@@ -180,7 +200,7 @@ def rank_file_valid(path: Path, key: str) -> bool:
 
 
 def _write_rank(path: Path, reader: SliceReader, layout: Layout, rank: int, dtype: torch.dtype, key: str,
-                threads: int) -> int:
+                threads: int, durable: bool) -> int:
     """Stream one rank's shard into a safetensors file: one tensor in memory per writer thread."""
     items = [(n, t) for n, t in sorted(layout.tensors.items()) if t.source == n]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -205,9 +225,15 @@ def _write_rank(path: Path, reader: SliceReader, layout: Layout, rank: int, dtyp
 
         def write_one(item):
             name, t = item
-            tensor = reader.read(t.source, t.shards[rank], dtype).contiguous()
-            data = tensor.view(-1).view(torch.uint8).numpy()
-            start = base + header[name]["data_offsets"][0]
+            shard = t.shards[rank]
+            begin, end = header[name]["data_offsets"]
+            # A reused per-thread buffer: no fresh pages to fault in for every tensor.
+            buf = _scratch(end - begin, "write")[: end - begin]
+            if shard.has_padding:
+                buf.zero_()
+            tensor = reader.read(t.source, shard, dtype, buf.view(dtype) if end > begin else None)
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            start = base + begin
             view = memoryview(data)
             while len(view):
                 written = os.pwrite(fd, view, start)
@@ -215,7 +241,8 @@ def _write_rank(path: Path, reader: SliceReader, layout: Layout, rank: int, dtyp
 
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             list(pool.map(write_one, items))
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
@@ -235,19 +262,25 @@ def preshard(
     local_ranks: int | None = None,
     threads: int = 4,
     progress: bool = False,
+    durable: bool = False,
 ) -> PreshardStats:
     """Write the rank files for ranks ``start_rank .. start_rank+local_ranks-1`` (all by default).
 
     Valid files from an earlier (possibly interrupted) run are kept; missing or invalid ones are
     written. Each node of a multi-node job can pre-shard its own ranks into a shared directory.
+
+    A killed process never leaves a file that loads (files are renamed into place when complete, and
+    a file whose size or key is off is rejected). ``durable=True`` also fsyncs each file before the
+    rename, for power loss; it costs a full write to disk, often more than the rest of the work.
     """
     start_time = time.perf_counter()
     config = load_config(model_path)
-    check_tp_degree(config, tp_degree)
     torch_dtype = resolve_dtype(dtype, config)
     plan = plan or resolve_plan(config.family)
+    mesh = plan.mesh(tp_degree)
+    check_mesh(config, mesh)
     source = CheckpointSource(model_path)
-    layout = compute_layout(source.shapes(), config, plan, Mesh.tensor_parallel(tp_degree))
+    layout = compute_layout(source.shapes(), config, plan, mesh)
     ranks = _rank_range(tp_degree, start_rank, local_ranks)
     manifest = build_manifest(source, config, plan, layout, torch_dtype)
     compiled = Path(compiled_model_path)
@@ -267,7 +300,7 @@ def preshard(
                 skipped.append(rank)
                 continue
             t0 = time.perf_counter()
-            nbytes += _write_rank(path, reader, layout, rank, torch_dtype, manifest["key"], threads)
+            nbytes += _write_rank(path, reader, layout, rank, torch_dtype, manifest["key"], threads, durable)
             written.append(rank)
             if progress or log.isEnabledFor(logging.INFO):
                 log.info("Wrote %s in %.2f seconds", path.name, time.perf_counter() - t0)
@@ -300,13 +333,13 @@ def check_presharded(compiled: str | Path, tp_degree: int, dtype: str | torch.dt
         config = load_config(model_path)
         source = CheckpointSource(model_path)
         plan = plan or resolve_plan(config.family)
-        layout = compute_layout(source.shapes(), config, plan, Mesh.tensor_parallel(tp_degree))
+        layout = compute_layout(source.shapes(), config, plan, plan.mesh(tp_degree))
         expected = build_manifest(source, config, plan, layout, torch_dtype)
     else:  # no source at hand: check what was asked against what the files were made with
-        plan = plan or _plan_from_dict(manifest["plan"])
+        plan = plan or _plan_from_dict(manifest["plan"], config.family)
         tensors = {n: (tuple(s), d) for n, (s, d) in manifest["tensors"].items()}
-        layout = compute_layout(tensors, config, plan, Mesh.tensor_parallel(tp_degree))
-        expected = {**manifest, "plan_sha256": _digest(_plan_dict(plan)),
+        layout = compute_layout(tensors, config, plan, plan.mesh(tp_degree))
+        expected = {**manifest, "plan_sha256": _digest(_plan_dict(plan, list(layout.tensors))),
                     "dtype": str(torch_dtype).replace("torch.", ""),
                     "mesh": {"axes": list(layout.mesh.axis_names), "sizes": list(layout.mesh.axis_sizes)}}
     return manifest, _differences(manifest, expected)
@@ -325,7 +358,7 @@ def require_usable(compiled: str | Path, tp_degree: int, dtype: str | torch.dtyp
         hint = (f"re-shard with `shardwise shard --model-path SRC --compiled-model-path {compiled}`"
                 + (" or pass --reshard to re-slice these files" if tp_changed and len(problems) == 1 else ""))
         raise ShardwiseError(f"pre-sharded checkpoint at {str(compiled)!r} is stale: {'; '.join(problems)}; {hint}")
-    old_world = manifest["mesh"]["sizes"][manifest["mesh"]["axes"].index("tensor")]
+    old_world = math.prod(manifest["mesh"]["sizes"])
     for r in range(old_world):
         if not rank_file_valid(rank_file(compiled, r), manifest["key"]):
             raise ShardwiseError(f"pre-sharded checkpoint at {str(compiled)!r} is incomplete: rank {r}'s file is "
@@ -337,7 +370,8 @@ def presharded_layout(manifest: dict, tp_degree: int) -> tuple[ModelConfig, Layo
     """Config and layout of a pre-sharded checkpoint at ``tp_degree``, from its manifest alone."""
     config = config_from_dict(manifest["config"])
     tensors = {n: (tuple(s), d) for n, (s, d) in manifest["tensors"].items()}
-    return config, compute_layout(tensors, config, _plan_from_dict(manifest["plan"]), Mesh.tensor_parallel(tp_degree))
+    plan = _plan_from_dict(manifest["plan"], config.family)
+    return config, compute_layout(tensors, config, plan, plan.mesh(tp_degree))
 
 
 def load_presharded_state(
@@ -357,30 +391,31 @@ def load_presharded_state(
     start = time.perf_counter()
     compiled = Path(compiled_model_path)
     manifest, tp_changed = require_usable(compiled, tp_degree, dtype, model_path, reshard)
-    old_world = manifest["mesh"]["sizes"][manifest["mesh"]["axes"].index("tensor")]
+    old_world = math.prod(manifest["mesh"]["sizes"])
     torch_dtype = resolve_dtype(manifest["dtype"] if dtype == "auto" else dtype, config_from_dict(manifest["config"]))
     files = [rank_file(compiled, r) for r in range(old_world)]
     if not tp_changed:
-        source = CheckpointSource(compiled / WEIGHTS, files=[files[rank]])
-        reader = SliceReader(source)
-        try:
-            state = _read_whole(reader, source, torch_dtype, threads)
-        finally:
-            reader.close()
-        held = sum(t.numel() * t.element_size() for t in state.values())
-        return state, LoadStats(time.perf_counter() - start, reader.bytes_read, held)
+        return _read_rank_file(files[rank], torch_dtype, start)
     return _reslice(manifest, files, rank, tp_degree, old_world, torch_dtype, start)
 
 
-def _read_whole(reader: SliceReader, source: CheckpointSource, dtype: torch.dtype, threads: int):
-    from .layout import Segment, ShardSlice
-
-    def whole(name):
-        info = source.tensors[name]
-        return reader.read(name, ShardSlice(tuple((Segment(0, d),) for d in info.shape)), dtype)
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        return dict(zip(source.tensors, pool.map(whole, source.tensors)))
+def _read_rank_file(path: Path, dtype: torch.dtype, start: float) -> tuple[dict[str, torch.Tensor], LoadStats]:
+    """A rank file is exactly the rank's shard: read its data in one go into an arena, carve views."""
+    infos = read_header(path)
+    begin = min((i.begin for i in infos.values()), default=0)
+    end = max((i.end for i in infos.values()), default=begin)
+    data = Arena(Arena.size_of((end - begin,), torch.uint8)).take((end - begin,), torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _pread_exact(fd, _bytes_of(data), begin)
+    finally:
+        os.close(fd)
+    state = {}
+    for name, info in infos.items():
+        raw = data[info.begin - begin : info.end - begin].view(DTYPES[info.dtype]).view(info.shape)
+        state[name] = raw if raw.dtype == dtype else raw.to(dtype)
+    held = sum(t.numel() * t.element_size() for t in state.values())
+    return state, LoadStats(time.perf_counter() - start, end - begin, held, end - begin)
 
 
 def _reslice(manifest, files, rank, tp_degree, old_world, dtype, start) -> tuple[dict, LoadStats]:
@@ -405,7 +440,8 @@ def _reslice(manifest, files, rank, tp_degree, old_world, dtype, start) -> tuple
         for r in readers:
             r.close()
     held = sum(v.numel() * v.element_size() for v in state.values())
-    return state, LoadStats(time.perf_counter() - start, sum(r.bytes_mapped for r in readers), held)
+    return state, LoadStats(time.perf_counter() - start, sum(r.bytes_fetched for r in readers), held,
+                            sum(r.bytes_fetched for r in readers))
 
 
 def _copy_overlaps(out: torch.Tensor, dim: int, wanted, old_tensor, readers, name: str) -> None:

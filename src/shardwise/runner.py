@@ -18,12 +18,15 @@ import torch
 import torch.distributed as dist
 
 from .config import load_config
-from .engine import check_tp_degree, load_sharded, resolve_dtype
+from .engine import load_sharded, model_layout, resolve_dtype
 from .errors import ShardwiseError
 from .generation import Generated, Sampling, generate
+from .mesh import Mesh
 from .parallel.comm import Collectives
 from .parallel.launch import default_backend, launch, threads_per_rank
-from .plan import resolve_plan
+from .parallelize import check_runtime
+from .plan import Plan, resolve_plan
+from .topology import Topology, load_partition_config, resolve_topology
 
 log = logging.getLogger("shardwise")
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -32,7 +35,7 @@ DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 @dataclass
 class RunOptions:
     model_path: str
-    tp_degree: int = 2
+    tp_degree: int | None = None  # None: the partition's device count, the plan's mesh sizes, or 2
     torch_dtype: str = "auto"
     batch_size: int = 1
     max_context_length: int = 1024
@@ -53,6 +56,9 @@ class RunOptions:
     overrides: list[str] = field(default_factory=list)
     device: str = "cpu"
     progress: bool = False
+    partition_config: str | None = None  # device partition config JSON (see topology.py)
+    partition: str | None = None  # which partition of it, when it has several
+    sequence_parallel: bool = False  # NxD's --sequence-parallel-enabled: the family's sequence-parallel rules
     compiled_model_path: str | None = None
     save_sharded_checkpoint: bool = False
     skip_sharding: bool = False
@@ -85,16 +91,20 @@ def _max_over_ranks(values: list[float]) -> list[float]:
 
 
 def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[int]]], pad_id: int,
-               eos: tuple[int, ...], result_path: str) -> None:
+               eos: tuple[int, ...], result_path: str, devices: tuple[str, ...] | None = None) -> None:
     _setup_logging()
     if rank != 0:
         logging.getLogger("shardwise").setLevel(logging.WARNING)
     t0 = time.perf_counter()
+    device = devices[rank] if devices else opts.device
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)
     comm = Collectives()
-    plan = resolve_plan(load_config(opts.model_path).family, opts.sharding_config, opts.overrides)
+    plan = resolve_plan(load_config(opts.model_path).family, opts.sharding_config, opts.overrides,
+                        opts.sequence_parallel)
     weights = "presharded" if opts.skip_sharding or opts.save_sharded_checkpoint else "auto"
     source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path or "") else None
-    sharded = load_sharded(source, opts.torch_dtype, plan, comm, opts.device, progress=opts.progress and rank == 0,
+    sharded = load_sharded(source, opts.torch_dtype, plan, comm, device, progress=opts.progress and rank == 0,
                            compiled_model_path=opts.compiled_model_path, weights=weights, reshard=opts.reshard)
     comm.barrier()
     shard_s, load_s = _max_over_ranks([sharded.stats.seconds, time.perf_counter() - t0])
@@ -104,13 +114,13 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     keep_logits = opts.check_accuracy_mode == "logit-matching"
 
     def run_all() -> list[Generated]:
-        return [generate(sharded.model, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, opts.device)
+        return [generate(sharded.model, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device)
                 for b in batches]
 
     runs = 1
     if opts.benchmark:
         generate(sharded.model, batches[0], min(4, opts.max_new_tokens), pad_id, eos, sampling, comm,
-                 device=opts.device)  # warm-up: first-call allocations and kernel selection
+                 device=device)  # warm-up: first-call allocations and kernel selection
         runs = max(1, opts.benchmark_iterations)
     timings = [run_all() for _ in range(runs)]
     results = timings[-1]
@@ -130,6 +140,25 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
         }, result_path)
 
 
+def resolve_ranks(opts: RunOptions, config) -> tuple[Plan, Mesh, Topology | None]:
+    """The plan, the mesh to run on and, with a partition config, the devices and threads of its ranks.
+
+    A partition config decides the world size; the plan's mesh sizes or ``--tp-degree`` must agree
+    with it. Without either, the plan's mesh sizes decide, else ``--tp-degree`` (default 2).
+    """
+    topology = None
+    if opts.partition_config:
+        topology = resolve_topology(load_partition_config(opts.partition_config), opts.device, opts.partition)
+    elif opts.partition:
+        raise ShardwiseError("--partition needs --partition-config")
+    plan = resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel)
+    world = topology.world_size if topology else None
+    tp = opts.tp_degree
+    if tp is None and world is None and plan.mesh_sizes is None:
+        tp = 2
+    return plan, plan.mesh(tp, world), topology
+
+
 def validate(opts: RunOptions):
     """Everything that can be checked before starting a rank; returns (config, tokenizer, batches)."""
     from .prompts import encode_prompts, load_tokenizer
@@ -142,9 +171,11 @@ def validate(opts: RunOptions):
     config = load_config(opts.model_path)
     from .checkpoint import CheckpointSource
 
+    plan, mesh, _ = resolve_ranks(opts, config)
     if not opts.skip_sharding:
-        CheckpointSource(opts.model_path)  # raises if no weights
-    check_tp_degree(config, opts.tp_degree)
+        source = CheckpointSource(opts.model_path)  # raises if no weights
+        # The whole layout, from headers alone: plan errors surface here, before any rank starts.
+        check_runtime(model_layout(opts.model_path, plan=plan, config=config, source=source, mesh=mesh))
     resolve_dtype(opts.torch_dtype, config)
     if opts.check_accuracy_mode not in ("skip-accuracy-check", "token-matching", "logit-matching"):
         raise ShardwiseError(f"unknown --check-accuracy-mode {opts.check_accuracy_mode!r}")
@@ -152,13 +183,11 @@ def validate(opts: RunOptions):
         raise ShardwiseError("--batch-size and --max-new-tokens must be at least 1")
     if not opts.prompts:
         raise ShardwiseError("no prompt given")
-    if opts.sharding_config or opts.overrides:
-        resolve_plan(config.family, opts.sharding_config, opts.overrides)
     if opts.skip_sharding:
         from .presharded import require_usable
 
         source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path) else None
-        require_usable(opts.compiled_model_path, opts.tp_degree, opts.torch_dtype, source, opts.reshard)
+        require_usable(opts.compiled_model_path, mesh.world_size, opts.torch_dtype, source, opts.reshard)
     tokenizer = load_tokenizer(opts.model_path)
     encoded = encode_prompts(tokenizer, opts.prompts, opts.chat_template)
     for text, ids in zip(opts.prompts, encoded):
@@ -184,22 +213,29 @@ def run(opts: RunOptions) -> RunResult:
         pad_id = config.pad_token_id if config.pad_token_id is not None else (tokenizer.pad_token_id or 0)
     eos = tuple(config.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     dtype = resolve_dtype(opts.torch_dtype, config)
-    log.info("Model %s: %d layers, %d heads (%d KV), vocab %d; TP %d, %s, %d thread(s) per rank",
+    plan, mesh, topology = resolve_ranks(opts, config)
+    world = mesh.world_size
+    threads = topology.threads if topology else (threads_per_rank(world),) * world
+    where = (f"partition {topology.partition.name!r} ({topology.kind}, {topology.link} links)" if topology
+             else f"mesh {mesh.describe()}")
+    log.info("Model %s: %d layers, %d heads (%d KV), vocab %d; %s, %s, threads per rank %s",
              config.architecture, config.num_layers, config.num_heads, config.num_kv_heads, config.vocab_size,
-             opts.tp_degree, str(dtype).replace("torch.", ""), threads_per_rank(opts.tp_degree))
+             where, str(dtype).replace("torch.", ""), ",".join(map(str, threads)))
     if opts.save_sharded_checkpoint:
         from .presharded import preshard
 
         log.info("Pre-sharding weights to %s", Path(opts.compiled_model_path) / "weights")
-        stats = preshard(opts.model_path, opts.compiled_model_path, opts.tp_degree, opts.torch_dtype,
-                         resolve_plan(config.family, opts.sharding_config, opts.overrides), opts.start_rank_id,
-                         opts.local_ranks_size)
+        stats = preshard(opts.model_path, opts.compiled_model_path, world, opts.torch_dtype, plan,
+                         opts.start_rank_id, opts.local_ranks_size)
         log.info("Done pre-sharding ranks %s in %.3f seconds (kept %s)", stats.ranks_written or "none",
                  stats.seconds, stats.ranks_skipped or "none")
+    devices = topology.devices if topology else None
+    local = opts.local_ranks_size or world - opts.start_rank_id
+    local_threads = topology.threads[opts.start_rank_id:opts.start_rank_id + local] if topology else None
     with tempfile.TemporaryDirectory(prefix="shardwise-") as tmp:
         result_path = str(Path(tmp) / "rank0.pt")
-        launch(_rank_main, opts.tp_degree, (opts, batches, pad_id, eos, result_path), default_backend(opts.device),
-               opts.start_rank_id, opts.local_ranks_size)
+        launch(_rank_main, world, (opts, batches, pad_id, eos, result_path, devices),
+               default_backend(opts.device), opts.start_rank_id, opts.local_ranks_size, threads=local_threads)
         if not Path(result_path).exists():  # a rank other than 0 under torchrun: rank 0 reports
             return RunResult([], [], 0, 0, 0, 0)
         data = torch.load(result_path)
@@ -227,7 +263,7 @@ def run(opts: RunOptions) -> RunResult:
         out_dir = Path(opts.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         report = {
-            "model": str(opts.model_path), "architecture": config.architecture, "tp_degree": opts.tp_degree,
+            "model": str(opts.model_path), "architecture": config.architecture, "tp_degree": world,
             "torch_dtype": str(dtype).replace("torch.", ""), "batch_size": opts.batch_size,
             "threads_per_rank": data["threads_per_rank"], "iterations": opts.benchmark_iterations,
             "load_seconds": data["load_seconds"], "shard_seconds": data["shard_seconds"],

@@ -14,7 +14,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -59,9 +59,9 @@ def default_backend(device: str) -> str:
 
 
 def _rank_entry(local_rank: int, fn: Worker, world: int, start_rank: int, init_method: str, backend: str,
-                threads: int, args: tuple, error_dir: str) -> None:
-    torch.set_num_threads(threads)
+                threads: Sequence[int], args: tuple, error_dir: str) -> None:
     rank = start_rank + local_rank
+    torch.set_num_threads(threads[local_rank])
     try:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=COLLECTIVE_TIMEOUT)
@@ -77,18 +77,20 @@ def _rank_entry(local_rank: int, fn: Worker, world: int, start_rank: int, init_m
 
 
 def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo", start_rank: int = 0,
-           local_ranks: int | None = None) -> None:
+           local_ranks: int | None = None, threads: Sequence[int] | None = None) -> None:
     """Run ``fn(rank, world_size, *args)`` on every rank; returns when all ranks have finished.
 
     On several nodes, each node runs ranks ``start_rank .. start_rank+local_ranks-1`` and they meet
-    at ``MASTER_ADDR:MASTER_PORT`` (NxD's ``--start_rank_id`` / ``--local_ranks_size``).
+    at ``MASTER_ADDR:MASTER_PORT`` (NxD's ``--start_rank_id`` / ``--local_ranks_size``). ``threads``
+    gives each local rank's torch thread count (e.g. ``numCores`` from a partition config); by default
+    the usable cores are shared evenly among the local ranks.
     """
     if under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != world_size:
             raise ShardwiseError(f"torchrun started {world} ranks but --tp-degree is {world_size}")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(threads_per_rank(local))
+        torch.set_num_threads(threads[rank] if threads is not None else threads_per_rank(local))
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         try:
             fn(rank, world, *args)
@@ -99,6 +101,8 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo",
     if start_rank < 0 or local < 1 or start_rank + local > world_size:
         raise ShardwiseError(f"ranks {start_rank}..{start_rank + local - 1} are not within TP degree {world_size}")
     if world_size == 1:
+        if threads is not None:
+            torch.set_num_threads(threads[0])
         fn(0, 1, *args)
         return
     address, port = "127.0.0.1", None
@@ -107,7 +111,9 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo",
             raise ShardwiseError("a node running only some ranks needs MASTER_ADDR and MASTER_PORT set "
                                  "(the address of the node with rank 0)")
         address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    threads = threads_per_rank(local)
+    if threads is not None and (len(threads) != local or min(threads) < 1):
+        raise ShardwiseError(f"threads per rank {list(threads)} must give each of the {local} local ranks at least 1")
+    threads = tuple(threads) if threads is not None else (threads_per_rank(local),) * local
     # torch logs a warning per rank it terminates after a failure; our one-line error says it all.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="shardwise-ranks-") as error_dir:

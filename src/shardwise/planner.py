@@ -1,0 +1,447 @@
+"""The planner: will it fit? Bytes per rank and collective traffic, from config and headers alone.
+
+``shardwise plan`` reads no weights: tensor names and shapes come from the safetensors headers, or,
+with a bare ``config.json``, from :func:`state_dict_shapes`. The same layout the loader uses gives each
+rank's parameter bytes (padding included); the KV cache and activations follow from the local head and
+column counts; the collectives per generated token follow from which layers are row- or column-parallel.
+
+Link figures are assumptions, not measurements: they are named constants below, and flags override them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import ModelConfig, load_config
+from .errors import ShardwiseError
+from .layout import Layout, compute_layout
+from .mesh import Mesh
+from .plan import TENSOR_AXIS, resolve_plan, spec_axes
+from .topology import HOST, P2P, load_partition_config, ring_link
+
+# Assumed link figures for the collective-time estimate (override with --p2p-gbps etc.). They are
+# order-of-magnitude figures for PCIe-attached accelerators such as Cloud AI 100 cards, not measurements:
+# * p2p: device to device through a PCIe Gen4 x16 switch: 31.5 GB/s per direction in theory, ~25 GB/s
+#   in practice; a few microseconds per DMA hop.
+# * host: the same PCIe links but staged through host memory (device -> host, host -> device), which
+#   halves the usable rate and adds a host-side copy and synchronisation per hop.
+P2P_GBPS = 25.0
+P2P_LATENCY_US = 5.0
+HOST_GBPS = 12.0
+HOST_LATENCY_US = 20.0
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+GIB = 1024 ** 3
+
+
+
+
+def state_dict_shapes(config: ModelConfig, dtype: str = "BF16") -> dict[str, tuple[tuple[int, ...], str]]:
+    """The Llama-family checkpoint tensors (HF names) and shapes implied by a config, no file needed.
+
+    With tied embeddings there is no ``lm_head.weight`` (the layout adds it as a view of the embedding).
+    """
+    h, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_heads * hd, config.num_kv_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if config.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if config.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+        if config.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
+                           p + "mlp.down_proj.bias": (h,)})
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    return {name: (shape, dtype) for name, shape in shapes.items()}
+
+
+@dataclass(frozen=True)
+class Links:
+    p2p_gbps: float = P2P_GBPS
+    p2p_latency_us: float = P2P_LATENCY_US
+    host_gbps: float = HOST_GBPS
+    host_latency_us: float = HOST_LATENCY_US
+
+    def figures(self, kind: str) -> tuple[float, float]:
+        """(bytes per second, seconds per hop) of a link kind."""
+        if kind == P2P:
+            return self.p2p_gbps * 1e9, self.p2p_latency_us * 1e-6
+        return self.host_gbps * 1e9, self.host_latency_us * 1e-6
+
+
+@dataclass(frozen=True)
+class Collective:
+    """``count`` calls per generated token of one collective over ``bytes`` (the whole result).
+
+    ``group`` is the number of ranks in the ring: the ``tensor`` axis for the parallel layers' sums and
+    gathers, the ``fsdp`` (storage) axes for all-gathering weights stored split.
+    """
+
+    kind: str  # all-reduce or all-gather
+    count: int
+    bytes: int
+    what: str
+    group: int
+
+    @property
+    def steps(self) -> int:
+        return 2 * (self.group - 1) if self.kind == "all-reduce" else self.group - 1
+
+    def sent_per_rank(self) -> float:
+        """Bytes each rank sends per call in a ring: 2(N-1)/N of the tensor (all-reduce), (N-1)/N (all-gather)."""
+        return self.steps * self.bytes / self.group
+
+    def seconds(self, bandwidth: float, latency: float) -> float:
+        """Ring time per call: one latency per step plus the bytes each rank sends over the link."""
+        return self.steps * latency + self.sent_per_rank() / bandwidth
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    device: str
+    param_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    memory_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.memory_bytes
+
+
+@dataclass
+class PlanReport:
+    model: str
+    shapes_from: str  # "safetensors headers" or "config.json"
+    mesh: Mesh
+    dtype: str
+    batch_size: int
+    seq_len: int
+    memory_source: str
+    ranks: list[RankPlan]
+    collectives: list[Collective]
+    link: str  # the link this mesh's ring uses: p2p or host
+    links: Links
+    uncovered: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(r.fits for r in self.ranks)
+
+    def comm_seconds(self, kind: str) -> float:
+        bw, lat = self.links.figures(kind)
+        return sum(c.count * c.seconds(bw, lat) for c in self.collectives)
+
+    @property
+    def sent_per_rank(self) -> float:
+        return sum(c.count * c.sent_per_rank() for c in self.collectives)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "shapes_from": self.shapes_from,
+            "mesh": dict(zip(self.mesh.axis_names, self.mesh.axis_sizes)), "world_size": self.mesh.world_size,
+            "dtype": self.dtype, "batch_size": self.batch_size, "seq_len": self.seq_len,
+            "memory_source": self.memory_source, "fits": self.fits,
+            "ranks": [{**asdict(r), "total_bytes": r.total_bytes, "fits": r.fits} for r in self.ranks],
+            "per_token": {
+                "collectives": [asdict(c) for c in self.collectives],
+                "bytes_sent_per_rank": round(self.sent_per_rank),
+                "seconds_p2p": self.comm_seconds(P2P), "seconds_host": self.comm_seconds(HOST),
+                "link": self.link,
+            },
+            "links": asdict(self.links), "replicated_uncovered": self.uncovered,
+        }
+
+    def format(self) -> str:
+        n = self.mesh.world_size
+        lines = [
+            f"Model {self.model} (shapes from {self.shapes_from}); mesh {self.mesh.describe()} ({n} rank"
+            f"{'s' if n != 1 else ''}); {self.dtype}; batch {self.batch_size} x seq_len {self.seq_len}",
+            f"Memory per rank: {self.memory_source}",
+            "",
+            f"{'ranks':<10} {'device':<8} {'params':>10} {'KV cache':>10} {'activations':>11} {'total':>10} "
+            f"{'memory':>10}  fits",
+        ]
+        for first, last, r in _group_ranks(self.ranks):
+            label, device = (str(first), r.device) if first == last else (f"{first}-{last}", r.device.split(":")[0])
+            lines.append(f"{label:<10} {device:<8} {_gib(r.param_bytes):>10} {_gib(r.kv_cache_bytes):>10} "
+                         f"{_gib(r.activation_bytes):>11} {_gib(r.total_bytes):>10} {_gib(r.memory_bytes):>10}  "
+                         f"{'yes' if r.fits else 'NO'}")
+        lines += ["", f"Fits: {'yes' if self.fits else 'NO'}", "",
+                  f"Collectives per generated token (batch {self.batch_size}; rings over the ranks of one axis "
+                  "group):"]
+        if not self.collectives:
+            lines.append("  none")
+        for c in self.collectives:
+            lines.append(f"  {c.kind:<10} {c.count:>4} x {_size(c.bytes):>10} over {c.group:>3} ranks  {c.what}")
+        if self.collectives:
+            lk = self.links
+            lines += [
+                f"  sent per rank per token: {_size(self.sent_per_rank)} (ring: all-reduce 2(N-1)/N, "
+                "all-gather (N-1)/N of the tensor)",
+                f"  time per token, p2p  ({lk.p2p_gbps:g} GB/s, {lk.p2p_latency_us:g} us/hop): "
+                f"{self.comm_seconds(P2P) * 1e3:.3f} ms{'   <- this mesh' if self.link == P2P else ''}",
+                f"  time per token, host ({lk.host_gbps:g} GB/s, {lk.host_latency_us:g} us/hop): "
+                f"{self.comm_seconds(HOST) * 1e3:.3f} ms{'   <- this mesh' if self.link == HOST else ''}",
+            ]
+        if self.uncovered:
+            lines += ["", f"Replicated (no rule): {', '.join(self.uncovered)}"]
+        lines += ["", ACTIVATION_NOTE]
+        return "\n".join(lines)
+
+
+ACTIVATION_NOTE = (
+    "Activations: the prefill of batch x seq_len tokens through one layer at a time (inference keeps no "
+    "autograd state): hidden states (4 x hidden), this rank's q/k/v columns and MLP intermediate (3 x), "
+    "attention scores batch x local heads x seq_len^2 and the boolean mask, in the compute dtype; plus "
+    "float32 logits of the last position (local and gathered); plus, with weights stored split over fsdp, one "
+    "decoder layer's weights gathered. Fused attention kernels need less. A batch split over fsdp by the "
+    "plan's model.layers.* rule counts per rank.")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _group_ranks(ranks: list[RankPlan]):
+    """Consecutive ranks with identical figures, as (first, last, representative)."""
+    groups: list[tuple[int, int, RankPlan]] = []
+    for r in ranks:
+        key = (r.device.split(":")[0], r.param_bytes, r.kv_cache_bytes, r.activation_bytes, r.memory_bytes)
+        if groups:
+            first, _, rep = groups[-1]
+            if (rep.device.split(":")[0], rep.param_bytes, rep.kv_cache_bytes, rep.activation_bytes,
+                    rep.memory_bytes) == key:
+                groups[-1] = (first, r.rank, rep)
+                continue
+        groups.append((r.rank, r.rank, r))
+    return groups
+
+
+def _meminfo_total() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise ShardwiseError("cannot read MemTotal from /proc/meminfo; give --device-memory-gib")
+
+
+def _cuda_memory(device_id: int) -> int:
+    import torch
+
+    if not torch.cuda.is_available() or device_id >= torch.cuda.device_count():
+        raise ShardwiseError(f"cuda:{device_id} is not on this machine; give --device-memory-gib to plan for it")
+    return torch.cuda.get_device_properties(device_id).total_memory
+
+
+def _shapes(model_path: Path, config: ModelConfig) -> tuple[dict, str]:
+    directory = model_path if model_path.is_dir() else model_path.parent
+    if model_path.is_dir() and (any(directory.glob("*.safetensors")) or
+                                (directory / "model.safetensors.index.json").is_file()):
+        from .checkpoint import CheckpointSource  # imports torch: only when there are headers to read
+
+        return CheckpointSource(directory).shapes(), "safetensors headers"
+    return state_dict_shapes(config, _st_dtype(config.torch_dtype)), "config.json"
+
+
+def _st_dtype(name: str) -> str:
+    return {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(name, "BF16")
+
+
+def _rows(layout: Layout, name: str, rank: int, dim: int = 0) -> int:
+    t = layout.tensors.get(name)
+    return t.shards[rank].local_shape[dim] if t is not None else 0
+
+
+def plan_model(
+    model_path: str | Path,
+    tp_degree: int | None = None,
+    partition_config: str | Path | None = None,
+    partition: str | None = None,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    torch_dtype: str = "auto",
+    device: str = "cpu",
+    device_memory_gib: float | None = None,
+    sharding_config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    links: Links = Links(),
+    sequence_parallel: bool = False,
+) -> PlanReport:
+    """Plan ``model_path`` (a checkpoint directory or a ``config.json``) without reading a weight."""
+    if batch_size < 1 or seq_len < 1:
+        raise ShardwiseError("--batch-size and --seq-len must be at least 1")
+    path = Path(model_path)
+    config = load_config(path)
+    dtype_name = config.torch_dtype if torch_dtype == "auto" else torch_dtype
+    if dtype_name not in DTYPE_BYTES:
+        raise ShardwiseError(f"--torch-dtype {dtype_name!r} is not one of auto, {', '.join(DTYPE_BYTES)}")
+    itemsize = DTYPE_BYTES[dtype_name]
+    plan = resolve_plan(config.family, sharding_config, overrides, sequence_parallel)
+    link, device_ids = P2P, None
+    if partition_config is not None:
+        # Planning needs no such machine: the partition's devices are not checked against this one.
+        pc = load_partition_config(partition_config)
+        part = pc.partition(partition)
+        device_ids, link = part.device_ids, ring_link(pc, part)
+        mesh = plan.mesh(tp_degree, part.world_size)
+    else:
+        mesh = plan.mesh(tp_degree if tp_degree is not None or plan.mesh_sizes else 1)
+        link = HOST if device == "cpu" else P2P
+    if TENSOR_AXIS in mesh.axis_names and mesh.size(TENSOR_AXIS) > config.num_heads:
+        raise ShardwiseError(f"the 'tensor' axis ({mesh.size(TENSOR_AXIS)}) exceeds the model's {config.num_heads} "
+                             "attention heads")
+    shapes, shapes_from = _shapes(path, config)
+    layout = compute_layout(shapes, config, plan, mesh)
+    n = mesh.world_size
+    cuda = device.startswith("cuda")
+    if device_memory_gib is not None:
+        memory = [int(device_memory_gib * GIB)] * n
+        memory_source = f"--device-memory-gib {device_memory_gib:g}"
+    elif cuda:
+        ids = device_ids or tuple(range(n))
+        memory = [_cuda_memory(i) for i in ids]
+        memory_source = "CUDA device memory"
+    else:
+        total = _meminfo_total()
+        memory = [total // n] * n
+        memory_source = f"this machine's RAM ({total / GIB:.1f} GiB MemTotal in /proc/meminfo) / {n} ranks"
+    devices = [f"cuda:{i}" for i in (device_ids or range(n))] if cuda else ["cpu"] * n
+    batch = _local_batch(layout, batch_size)
+    ranks = []
+    for r in range(n):
+        params = layout.rank_bytes(r, itemsize)
+        kv_rows = sum(_rows(layout, f"model.layers.{i}.self_attn.{p}.weight", r)
+                      for i in range(config.num_layers) for p in ("k_proj", "v_proj"))
+        kv = batch * seq_len * kv_rows * itemsize
+        ranks.append(RankPlan(r, devices[r], params, kv, _activation_bytes(layout, config, r, batch, seq_len,
+                                                                            itemsize), memory[r]))
+    uncovered = sorted({_generic(u) for u in layout.uncovered})
+    return PlanReport(str(model_path), shapes_from, mesh, dtype_name, batch_size, seq_len, memory_source, ranks,
+                      _collectives(layout, config, batch, itemsize), link, links, uncovered)
+
+
+def _local_batch(layout: Layout, batch: int) -> int:
+    """The batch one rank carries: split if the plan splits decoder-layer outputs' batch dimension."""
+    from .plan import Rule
+
+    for pattern, spec in layout.activations.items():
+        rule = Rule(pattern, spec)
+        if spec and spec[0] is not None and Rule(rule.module, ()).regex.match("model.layers.0"):
+            return -(-batch // math.prod(layout.mesh.size(a) for a in spec_axes(spec[0])))
+    return batch
+
+
+def _generic(name: str) -> str:
+    import re
+
+    return re.sub(r"\.\d+(?=\.|\Z)", ".*", name)
+
+
+def _activation_bytes(layout: Layout, config: ModelConfig, rank: int, batch: int, seq: int, itemsize: int) -> int:
+    """Peak transient bytes of a prefill of ``batch x seq`` tokens; see ACTIVATION_NOTE."""
+    tokens = batch * seq
+    p = "model.layers.0."
+    q = _rows(layout, p + "self_attn.q_proj.weight", rank)
+    kv = _rows(layout, p + "self_attn.k_proj.weight", rank)
+    inter = _rows(layout, p + "mlp.gate_proj.weight", rank)
+    heads = q // config.head_dim
+    vocab_local = _rows(layout, "lm_head.weight", rank)
+    hidden_states = tokens * itemsize * (4 * config.hidden_size + q + 2 * kv + 3 * inter)
+    scores = batch * heads * seq * seq * itemsize + batch * seq * seq  # scores + boolean mask
+    logits = batch * 4 * (vocab_local + config.vocab_size)
+    gathered = 0  # one decoder layer's weights, all-gathered over storage axes (fsdp) while it runs
+    for name, t in layout.tensors.items():
+        storage = [a for e in t.spec for a in spec_axes(e) if a != TENSOR_AXIS]
+        if name.startswith(p) and storage:
+            local = math.prod(t.shards[rank].local_shape)
+            gathered += local * (math.prod(layout.mesh.size(a) for a in storage) - 1) * itemsize
+    return hidden_states + scores + logits + gathered
+
+
+def _collectives(layout: Layout, config: ModelConfig, batch: int, itemsize: int) -> list[Collective]:
+    """The collectives one decode step runs, from which layers the layout makes parallel.
+
+    Over ``tensor``: a sum per row-parallel linear and vocabulary-split embedding, a gather per gathered
+    column-parallel output (lm_head). Over storage axes (fsdp): an all-gather of every weight stored
+    split, each step (weights are gathered when used and dropped after).
+    """
+    mesh = layout.mesh
+    tp = mesh.size(TENSOR_AXIS) if TENSOR_AXIS in mesh.axis_names else 1
+    token = batch * itemsize  # bytes per feature for one decode step's batch
+    counts: dict[tuple[str, int, str, int], int] = {}
+
+    def add(kind: str, nbytes: int, what: str, group: int = tp) -> None:
+        key = (kind, nbytes, what, group)
+        counts[key] = counts.get(key, 0) + 1
+
+    for name, t in layout.tensors.items():
+        storage = [a for e in t.spec for a in spec_axes(e) if a != TENSOR_AXIS]
+        if storage and t.source == name:
+            group = math.prod(mesh.size(a) for a in storage)
+            gathered = math.prod(t.shards[0].local_shape) * group * itemsize
+            add("all-gather", gathered, f"{_generic(name)}: weight stored split over {'x'.join(storage)}", group)
+        if not name.endswith(".weight") or len(t.shape) != 2 or tp == 1:
+            continue
+        module = name[: -len(".weight")]
+        split = [d for d in t.split_dims if TENSOR_AXIS in spec_axes(t.spec[d])]
+        if not split:
+            continue
+        short = _generic(module)
+        if module.endswith("embed_tokens"):
+            if split == [0]:
+                add("all-reduce", token * t.shape[1], f"{short}: vocabulary-parallel lookup, summed")
+            else:
+                add("all-gather", token * t.shape[1], f"{short}: hidden-parallel lookup, gathered")
+        elif split == [1]:
+            add("all-reduce", token * t.shape[0], f"{short}: row-parallel output, summed")
+        elif module == layout.output or _gathers(layout, module):
+            add("all-gather", token * t.shards[0].local_shape[0] * tp, f"{short}: column-parallel output, gathered")
+    # Sequence parallelism: a decode step's one token sits on one rank; gathers pad each rank's share to it.
+    _, gather_out, gather_in = layout.sequence_boundaries()
+    for names, what in ((gather_out, "sequence-parallel output, gathered"), (gather_in, "sequence-parallel input, "
+                                                                             "gathered")):
+        for m in names:
+            add("all-gather", token * config.hidden_size * tp, f"{_generic(m)}: {what}")
+    return [Collective(kind, count, nbytes, what, group) for (kind, nbytes, what, group), count in counts.items()]
+
+
+def _gathers(layout: Layout, module: str) -> bool:
+    from .plan import Rule
+
+    return any(Rule(p, s).regex.match(module) and all(e is None for e in s) for p, s in layout.activations.items())
+
+
+def report_json(report: PlanReport) -> str:
+    return json.dumps(report.to_dict(), indent=2)
