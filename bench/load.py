@@ -343,7 +343,8 @@ def load_shard_on_load(rank: int, world: int, ckpt: Path, compiled: Path, thread
     source = CheckpointSource(ckpt)
     layout = model_layout(ckpt, world, source=source)
     state, stats = load_rank_state(source, layout, rank, torch.bfloat16, threads)
-    return state, stats.bytes_read, {"loadstats_seconds": stats.seconds, "bytes_held": stats.bytes_held}
+    return state, stats.bytes_read, {"loadstats_seconds": stats.seconds, "bytes_held": stats.bytes_held,
+                                     "bytes_fetched": getattr(stats, "bytes_fetched", None)}
 
 
 def load_presharded(rank: int, world: int, ckpt: Path, compiled: Path, threads: int) -> tuple[dict, int, dict]:

@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from shardwise import checkpoint as ckmod  # noqa: E402
 from shardwise.checkpoint import DTYPES, CheckpointSource, SliceReader  # noqa: E402
 from shardwise.engine import model_layout  # noqa: E402
+from shardwise.layout import Segment  # noqa: E402
 from shardwise.loader import load_rank_state  # noqa: E402
 
 GB = 1e9
@@ -65,7 +66,40 @@ def kind(layout_tensor) -> str:
 
 
 class ReadOnlyMapReader(SliceReader):
-    """shardwise's chunked reader, but with a read-only mapping (MAP_POPULATE then only maps, no COW copy)."""
+    """main@5410d4f's chunked reader, but with a read-only mapping (MAP_POPULATE then only maps, no COW copy).
+
+    ``read`` is 5410d4f's: every slice is copied out of mappings of bounded row chunks.
+    """
+
+    def __init__(self, source):
+        super().__init__(source)
+        self.bytes_mapped = 0
+
+    def read(self, source_name, shard, dtype, out=None):
+        info = self.source.tensors[source_name]
+        dims = shard.dims if info.shape else ((Segment(0, 1),),)
+        local_shape = tuple(sum(s.length for s in segs) for segs in dims)
+        if out is None:
+            out = (torch.zeros if shard.has_padding else torch.empty)(local_shape, dtype=dtype)
+        out = out.view(local_shape)
+        shape = info.shape or (1,)
+        rows_per_chunk = max(1, (32 << 20) // max(1, math.prod(shape[1:]) * info.itemsize))
+        trailing = ckmod._block_pairs(dims[1:])
+        pos = 0
+        for seg in dims[0]:
+            if seg.start is not None:
+                for first in range(seg.start, seg.start + seg.length, rows_per_chunk):
+                    last = min(first + rows_per_chunk, seg.start + seg.length)
+                    mm, src = self._map_rows(info, first, last)
+                    rows = slice(pos + first - seg.start, pos + last - seg.start)
+                    for dst_index, src_index in trailing:
+                        out[(rows, *dst_index)].copy_(src[(slice(None), *src_index)])
+                    del src
+                    mm.close()
+            pos += seg.length
+        with self._lock:
+            self.bytes_read += shard.source_numel * info.itemsize
+        return out.view(shard.local_shape)
 
     def _map_rows(self, info, first, last):
         shape = info.shape or (1,)
@@ -163,7 +197,8 @@ def shardwise_by_kind(source, layout, rank: int) -> dict:
             return [reader.read(n, layout.tensors[n].shards[rank], torch.bfloat16) for n in names]
 
         rec = timed(run)
-        rec.update(bytes=nbytes, mapped=reader.bytes_mapped, tensors=len(names))
+        fetched = getattr(reader, "bytes_fetched", getattr(reader, "bytes_mapped", 0))
+        rec.update(bytes=nbytes, mapped=fetched, tensors=len(names))
         reader.close()
         out[k] = rec
     return out
@@ -220,7 +255,7 @@ def main() -> int:
     variants = {
         "shardwise threads=4": lambda: load_rank_state(source, layout, args.rank, torch.bfloat16, 4)[0],
         "shardwise threads=1": lambda: load_rank_state(source, layout, args.rank, torch.bfloat16, 1)[0],
-        "mmap read-only threads=4": None,
+        "mmap read-only threads=4 (main@5410d4f reader, read-only)": None,
         "pread threads=4": lambda: pread_rank(source, layout, args.rank, 4),
         "pread threads=1": lambda: pread_rank(source, layout, args.rank, 1),
         "pread + MADV_HUGEPAGE arena threads=2": lambda: pread_rank(source, layout, args.rank, 2, hugepages=True),
@@ -239,7 +274,27 @@ def main() -> int:
         finally:
             loader_mod.SliceReader = orig
 
-    variants["mmap read-only threads=4"] = readonly
+    variants["mmap read-only threads=4 (main@5410d4f reader, read-only)"] = readonly
+
+    import shardwise.loader as loader_mod
+
+    if hasattr(loader_mod, "Arena"):  # main's reader carves the shard from one MADV_HUGEPAGE arena
+        base = loader_mod.Arena
+
+        class NoHugeArena(base):
+            def __init__(self, nbytes: int):
+                self.nbytes = max(nbytes, 1)
+                self._map = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                self._used = 0
+
+        def no_thp():
+            loader_mod.Arena = NoHugeArena
+            try:
+                return load_rank_state(source, layout, args.rank, torch.bfloat16, 4)[0]
+            finally:
+                loader_mod.Arena = base
+
+        variants["shardwise, arena without MADV_HUGEPAGE, threads=4"] = no_thp
     modes = [m for m in args.modes.split(",") if m]
     results: dict = {m: {k: [] for k in variants} for m in modes}
     by_kind: dict = {m: [] for m in modes}
@@ -259,7 +314,8 @@ def main() -> int:
             by_kind[mode].append(bk)
             for k, r in bk.items():
                 print(f"[{rep + 1}] {mode} by kind {k:14s} {r['tensors']} tensors, {r['bytes'] / GB:.3f} GB needed, "
-                      f"{r['mapped'] / GB:.3f} GB mapped: wall {r['wall']:.2f} user {r['user']:.2f} sys {r['sys']:.2f} "
+                      f"{r['mapped'] / GB:.3f} GB fetched: wall {r['wall']:.2f} user {r['user']:.2f} "
+                      f"sys {r['sys']:.2f} "
                       f"minflt {r['minflt']} ({r['bytes'] / r['wall'] / GB:.2f} GB/s)", flush=True)
     summary = {mode: {k: {f: statistics.median(r[f] for r in v) for f in ("wall", "user", "sys", "minflt", "gbps")}
                       for k, v in results[mode].items() if v} for mode in modes}
