@@ -45,8 +45,10 @@ import torch  # noqa: E402
 DEFAULT_CONFIG = Path("/work/shared/configs/llama-3.2-1b/config.json")
 SECTION = "## Loading (bench/load.py)"
 RANK_METHODS = ["shard_on_load", "presharded", "hf_tp", "naive", "dcp"]
+DIAGNOSIS_METHODS = ["shard_on_load_no_thp"]  # only when named in --methods
 LABELS = {
     "shard_on_load": "shardwise shard-on-load",
+    "shard_on_load_no_thp": "shard-on-load, arena without MADV_HUGEPAGE",
     "presharded": "shardwise pre-sharded load",
     "preshard_write": "shardwise pre-shard write",
     "hf_tp": "HF transformers tp_plan=auto",
@@ -347,6 +349,30 @@ def load_shard_on_load(rank: int, world: int, ckpt: Path, compiled: Path, thread
                                      "bytes_fetched": getattr(stats, "bytes_fetched", None)}
 
 
+def load_shard_on_load_no_thp(rank: int, world: int, ckpt: Path, compiled: Path,
+                              threads: int) -> tuple[dict, int, dict]:
+    """Diagnosis only (``--methods shard_on_load_no_thp``): shard-on-load with its arena not advised MADV_HUGEPAGE."""
+    import mmap as _mmap
+
+    import shardwise.loader as loader_mod
+
+    base = getattr(loader_mod, "Arena", None)
+    if base is None:
+        raise RuntimeError("this shardwise has no Arena")
+
+    class NoHugeArena(base):
+        def __init__(self, nbytes: int):
+            self.nbytes = max(nbytes, 1)
+            self._map = _mmap.mmap(-1, self.nbytes, flags=_mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS)
+            self._used = 0
+
+    loader_mod.Arena = NoHugeArena
+    try:
+        return load_shard_on_load(rank, world, ckpt, compiled, threads)
+    finally:
+        loader_mod.Arena = base
+
+
 def load_presharded(rank: int, world: int, ckpt: Path, compiled: Path, threads: int) -> tuple[dict, int, dict]:
     from shardwise.presharded import load_presharded_state
 
@@ -397,7 +423,8 @@ def load_hf(rank: int, world: int, ckpt: Path, compiled: Path, threads: int) -> 
     return state, -1, {"model": model}
 
 
-LOADERS = {"shard_on_load": load_shard_on_load, "presharded": load_presharded, "naive": load_naive,
+LOADERS = {"shard_on_load": load_shard_on_load, "shard_on_load_no_thp": load_shard_on_load_no_thp,
+           "presharded": load_presharded, "naive": load_naive,
            "dcp": load_dcp, "hf_tp": load_hf}
 
 
@@ -588,7 +615,7 @@ def summarize(runs: list[dict], need: dict, world: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="HF config.json of the model to mimic")
-    ap.add_argument("--repeats", type=int, default=5, help="measurements per method and mode (median reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="measurements per method and mode (median reported)")
     ap.add_argument("--modes", default="warm,cold", help="warm, cold or both")
     ap.add_argument("--methods", default=",".join(RANK_METHODS + ["preshard_write"]))
     ap.add_argument("--tp", type=int, default=2, help="TP degree (ranks, all on this node)")
@@ -642,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_preshard(ckpt, compiled, args.tp)
     preshard_runs: list[dict] = []
 
-    rank_methods = [m for m in RANK_METHODS if m in methods and m not in results["methods"]]
+    rank_methods = [m for m in RANK_METHODS + DIAGNOSIS_METHODS if m in methods and m not in results["methods"]]
     raw: dict[str, dict[str, list]] = {m: {mode: [] for mode in modes} for m in rank_methods}
     samples = []
     for rep in range(args.repeats):
@@ -720,7 +747,7 @@ def ratios_and_targets(results: dict, modes: list[str]) -> tuple[dict, list[dict
         ours = _get(results, "shard_on_load", mode)
         r: dict = {}
         if ours:
-            for peer in ("hf_tp", "naive", "dcp", "presharded"):
+            for peer in ("hf_tp", "naive", "dcp", "presharded", *DIAGNOSIS_METHODS):
                 s = _get(results, peer, mode)
                 if s:
                     r[f"{peer}_s / shard_on_load_s"] = s / ours
@@ -794,7 +821,7 @@ def render_section(results: dict, modes: list[str], chart: Path, docs: Path) -> 
     left = max(x for k in ("cold_disk_gbps_1stream", "cold_disk_gbps_2stream") for x in mach[k]["resident_after_evict"])
     lines = [SECTION, ""]
     lines.append(
-        f"Measured {results['date_utc']} by `python bench/load.py` (repeats {results['repeats']}, median; "
+        f"Measured {results['date_utc']} by `python bench/load.py --repeats {results['repeats']}` (median; "
         f"raw data in `bench/results/load.json`). Synthetic checkpoint with the tensor names and shapes of "
         f"`{Path(results['config']).parent.name}` (random bf16, {need['files'] / GB:.2f} GB in "
         f"{len(weight_files(Path(results['checkpoint'])))} safetensors files with an index), TP {results['tp']}: "
@@ -826,7 +853,7 @@ def render_section(results: dict, modes: list[str], chart: Path, docs: Path) -> 
                  "peak RSS per rank (GiB) | RSS before load (GiB) | bytes read per rank (GB) | "
                  "disk reads per rank (GB) |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
-    for m in ["shard_on_load", "presharded", "hf_tp", "naive", "dcp"]:
+    for m in RANK_METHODS[:1] + DIAGNOSIS_METHODS + RANK_METHODS[1:]:
         entry = results["methods"].get(m)
         if entry is None:
             continue
@@ -904,7 +931,7 @@ def write_chart(results: dict, modes: list[str], chart: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in ["shard_on_load", "presharded", "hf_tp", "naive", "dcp"]
+    methods = [m for m in RANK_METHODS[:1] + DIAGNOSIS_METHODS + RANK_METHODS[1:]
                if any(_get(results, m, mode) for mode in modes)]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / max(1, len(modes))
