@@ -222,3 +222,89 @@ def test_dead_rank_fails_the_others(tmp_path, how):
         else:
             assert "exited" in out["error"], out
     assert results[world - 1] is None  # the victim never reported
+
+
+# -- decode through the fast path ---------------------------------------------------------------
+
+PROMPTS = [[5, 9, 17, 33, 65, 2, 7, 11, 13], [100, 101], [200, 3, 4, 5, 6]]  # left-padded batch
+
+
+def _tiny_llama(path, window: int | None) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    h, inter, layers, heads, kv, vocab = 64, 96, 2, 4, 2, 256
+    hd = h // heads
+    gen = torch.Generator().manual_seed(7)
+    state = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=gen) * 0.5,
+             "model.norm.weight": torch.ones(h), "lm_head.weight": torch.randn(vocab, h, generator=gen) * 0.2}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, shape in (("self_attn.q_proj", (heads * hd, h)), ("self_attn.k_proj", (kv * hd, h)),
+                            ("self_attn.v_proj", (kv * hd, h)), ("self_attn.o_proj", (h, heads * hd)),
+                            ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)), ("mlp.down_proj", (h, inter))):
+            state[p + name + ".weight"] = torch.randn(*shape, generator=gen) * 0.2
+        state[p + "input_layernorm.weight"] = torch.ones(h)
+        state[p + "post_attention_layernorm.weight"] = torch.ones(h)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / "model.safetensors"))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv, "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "max_position_embeddings": 256, "tie_word_embeddings": False, "hidden_act": "silu",
+              "torch_dtype": "float32", "eos_token_id": 2}
+    if window:
+        config["sliding_window"] = window
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _generate(path, comm, sampling=None):
+    from shardwise import Sampling, generate, load_sharded
+
+    model = load_sharded(str(path), "float32", comm=comm)
+    g = generate(model.model, PROMPTS, 12, 0, (), sampling or Sampling(), comm, keep_logits=True)
+    return g.tokens, torch.stack(g.step_logits)
+
+
+def _body_decode(rank: int, world: int, path: str) -> dict:
+    from pathlib import Path
+
+    from shardwise import Sampling
+    from shardwise.parallel.comm import Collectives
+
+    out = {}
+    for fast in (True, False):
+        comm = Collectives(fast=fast)
+        assert comm.fast is fast
+        out[fast] = _generate(Path(path), comm)
+        out[(fast, "sampled")] = _generate(Path(path), comm, Sampling(top_k=20, top_p=0.9, temperature=0.8, seed=1))[0]
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_decode_fast_path_token_identical(tmp_path, window):
+    """TP 2 decode over shared memory gives bit-identical logits to gloo; TP 1 agrees within rounding."""
+    import shardwise.generation as generation
+    from shardwise.parallel.comm import Collectives
+
+    ckpt = tmp_path / "tiny"
+    _tiny_llama(ckpt, window)
+    results = _spawn(_body_decode, 2, tmp_path, (str(ckpt),), deadline=180)
+    for res in results:
+        assert res is not None and res["ok"], res and res.get("trace")
+    fast_tokens, fast_logits = results[0]["result"][True]
+    gloo_tokens, gloo_logits = results[0]["result"][False]
+    assert fast_tokens == gloo_tokens and _same(fast_logits, gloo_logits)
+    assert results[0]["result"][(True, "sampled")] == results[0]["result"][(False, "sampled")]
+    assert results[1]["result"][True][0] == fast_tokens
+    one_tokens, one_logits = _generate(ckpt, Collectives())
+    torch.testing.assert_close(one_logits, fast_logits, atol=1e-4, rtol=1e-4)
+    # Sliding-window masks: the precomputed table and the per-step fallback are the same masks.
+    limit = generation.MASK_TABLE_LIMIT
+    generation.MASK_TABLE_LIMIT = 0
+    try:
+        step_tokens, step_logits = _generate(ckpt, Collectives())
+    finally:
+        generation.MASK_TABLE_LIMIT = limit
+    assert step_tokens == one_tokens and _same(step_logits, one_logits)
