@@ -44,7 +44,8 @@ def hf_reference(model_path: str, batches: list[list[list[int]]], max_new_tokens
     return results
 
 
-def compare(mode: str, ours: list[tuple[list[list[int]], list[torch.Tensor]]], reference, dtype: torch.dtype) -> AccuracyReport:
+def compare(mode: str, ours: list[tuple[list[list[int]], list[torch.Tensor]]], reference,
+            dtype: torch.dtype) -> AccuracyReport:
     atol, rtol = LOGIT_TOLERANCE.get(dtype, LOGIT_TOLERANCE[torch.float32])
     worst, mismatches = 0.0, []
     for b, ((our_tokens, our_logits), (ref_tokens, ref_logits)) in enumerate(zip(ours, reference)):

@@ -90,7 +90,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run(opts)
     if result.texts:
         print(f"\nLoad {result.load_seconds:.2f} s (sharding {result.shard_seconds:.2f} s); "
-              f"prefill {result.prefill_tokens_per_second:.1f} tok/s; decode {result.decode_tokens_per_second:.1f} tok/s")
+              f"prefill {result.prefill_tokens_per_second:.1f} tok/s; "
+              f"decode {result.decode_tokens_per_second:.1f} tok/s")
     return 0
 
 

@@ -198,7 +198,8 @@ def compute_layout(
                 if unit in ("heads", "kv_heads"):
                     expected = (config.num_heads if unit == "heads" else config.num_kv_heads) * config.head_dim
                     if shape[d] != expected:
-                        raise ShardwiseError(f"{name}: dimension {d} has {shape[d]} rows, expected {expected} for {unit}")
+                        raise ShardwiseError(
+                            f"{name}: dimension {d} has {shape[d]} rows, expected {expected} for {unit}")
                     if parts not in heads_by_parts:
                         heads_by_parts[parts] = assign_heads(config.num_heads, config.num_kv_heads, parts)
                     assignment = heads_by_parts[parts]

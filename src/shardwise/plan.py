@@ -14,13 +14,12 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Union
 
 import yaml
 
 from .errors import ShardwiseError
 
-AxisEntry = Union[str, tuple[str, ...], None]
+AxisEntry = str | tuple[str, ...] | None
 Spec = tuple[AxisEntry, ...]
 
 
@@ -129,7 +128,8 @@ def _parse(data: object, source: str, required: bool = True) -> Plan:
     if not isinstance(body, dict):
         raise ShardwiseError(f"{source}: `sharding` must map names to partition specs")
     rules = tuple(
-        Rule(str(name), parse_spec(spec, f"{source}: {name}"), required) for name, spec in body.items() if name != "mesh"
+        Rule(str(name), parse_spec(spec, f"{source}: {name}"), required)
+        for name, spec in body.items() if name != "mesh"
     )
     units = tuple((str(k), tuple(v)) for k, v in (data.get("units") or {}).items())
     axes = tuple(mesh.get("axes", ("tensor",))) if isinstance(mesh, dict) else ("tensor",)

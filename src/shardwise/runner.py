@@ -145,7 +145,8 @@ def validate(opts: RunOptions):
     for text, ids in zip(opts.prompts, encoded):
         if len(ids) > opts.max_context_length:
             raise ShardwiseError(
-                f"prompt {text[:40]!r}... is {len(ids)} tokens, longer than --max-context-length {opts.max_context_length}"
+                f"prompt {text[:40]!r}... is {len(ids)} tokens, "
+                f"longer than --max-context-length {opts.max_context_length}"
             )
         if len(ids) >= opts.seq_len:
             raise ShardwiseError(f"prompt of {len(ids)} tokens leaves no room within --seq-len {opts.seq_len}")

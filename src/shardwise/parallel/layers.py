@@ -117,7 +117,8 @@ class ParallelEmbedding(nn.Module):
         if shard_dim == 0:
             local = local_size or _even_local(num_embeddings, world)
             start = self.comm.rank * local
-            self.row_start, self.row_end = local_rows or (min(start, num_embeddings), min(start + local, num_embeddings))
+            self.row_start, self.row_end = local_rows or (min(start, num_embeddings),
+                                                          min(start + local, num_embeddings))
             shape = (local, embedding_dim)
         else:
             local = local_size or _even_local(embedding_dim, world)
