@@ -399,10 +399,10 @@ def write_section(doc: Path, text: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=48, help="new tokens per generation, SmolLM2")
-    p.add_argument("--tokens-1b", type=int, default=16, help="new tokens per generation, synthetic 1B")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per generation, SmolLM2")
+    p.add_argument("--tokens-1b", type=int, default=12, help="new tokens per generation, synthetic 1B")
     p.add_argument("--rounds", type=int, default=2, help="rounds over the configurations (best decode kept)")
-    p.add_argument("--iterations", type=int, default=3, help="timed repetitions per configuration (median)")
+    p.add_argument("--iterations", type=int, default=2, help="timed repetitions per configuration (median)")
     p.add_argument("--tp", default="1,2,3,4", help="shardwise TP degrees to run")
     p.add_argument("--hf-tp", default="2,3", help="TP degrees for HF tp_plan='auto' under torchrun")
     p.add_argument("--calls", type=int, default=3000, help="all-reduce calls timed per size (fast path)")

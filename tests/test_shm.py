@@ -166,8 +166,11 @@ def _body_switch(rank: int, world: int) -> dict:
     off.all_reduce(x)
     on.all_reduce(y)
     ids = on.all_gather(torch.tensor([rank]), dim=0)  # int64 goes through shared memory as bytes
+    unusable = Collectives(fast=True, path_dir="/nonexistent-shardwise-dir")  # every rank falls back to gloo
+    z = unusable.all_reduce(torch.ones(3))
     left = glob.glob(f"/dev/shm/shardwise-{os.getpid()}-*")
-    return {"off": off.fast, "on": on.fast, "x": x.tolist(), "y": y.tolist(), "ids": ids.tolist(), "left": left}
+    return {"off": off.fast, "on": on.fast, "x": x.tolist(), "y": y.tolist(), "ids": ids.tolist(), "left": left,
+            "unusable": unusable.fast, "z": z.tolist()}
 
 
 def test_env_switch_and_no_leftover_segment(tmp_path):
@@ -179,6 +182,7 @@ def test_env_switch_and_no_leftover_segment(tmp_path):
         assert out["x"] == out["y"] == [3.0] * 5
         assert out["ids"] == [0, 1]
         assert out["left"] == []
+        assert out["unusable"] is False and out["z"] == [2.0] * 3
 
 
 def _body_dies(rank: int, world: int, how: str) -> dict:

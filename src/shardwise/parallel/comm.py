@@ -45,7 +45,10 @@ class Collectives:
         if self.world_size > 1:
             wanted = fast_collectives_wanted(fast) and "gloo" in str(dist.get_backend(group)).lower()
             if shm.agree_on_fast_path(wanted, group):
-                self.shm = shm.ShmCollectives(group, **shm_options)
+                try:
+                    self.shm = shm.ShmCollectives(group, **shm_options)
+                except shm.ShmUnavailable as exc:  # raised on every rank alike, so all fall back together
+                    log.warning("%s; using torch.distributed", exc)
             elif fast:
                 log.warning("fast collectives requested but not every rank is on this host with gloo; using "
                             "torch.distributed")

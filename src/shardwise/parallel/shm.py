@@ -66,6 +66,10 @@ def default_timeout() -> float:
     return float(os.environ.get("SHARDWISE_SHM_TIMEOUT", os.environ.get("SHARDWISE_TIMEOUT", "600")))
 
 
+class ShmUnavailable(ShardwiseError):
+    """The segment could not be created or attached on some rank (all ranks raise it together)."""
+
+
 def host_identity() -> str:
     """Hostname plus boot id: equal on every rank of one machine (containers sharing a host included)."""
     try:
@@ -112,41 +116,31 @@ class ShmCollectives:
         self._data_off = LINE * (1 + 2 * self.world)
         size = self._data_off + 2 * self.world * self.slot_bytes
 
-        name = [None]
+        name: list[str | None] = [None]
         if self.rank == 0:
-            path = os.path.join(path_dir, f"shardwise-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.ftruncate(fd, size)
-                head = mmap.mmap(fd, LINE)
-                head[0:32] = b"".join(int(v).to_bytes(8, "little") for v in (MAGIC, 1, self.world, self.slot_bytes))
-                head.close()
-            finally:
-                os.close(fd)
-            name[0] = path
+            name[0] = self._create(path_dir, size)
+        problem = None
         try:
             dist.broadcast_object_list(name, src=dist.get_global_rank(group, 0) if group is not None else 0,
                                        group=group)
-            path = name[0]
-            fd = os.open(path, os.O_RDWR)
             try:
-                self._mm = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-            words = memoryview(self._mm).cast("q")
-            if words[0] != MAGIC or words[2] != self.world or words[3] != self.slot_bytes:
-                raise ShardwiseError(f"shared-memory segment {path} does not match this group (world {self.world})")
-            self._pid_idx = [(LINE + LINE * p) // 8 for p in range(self.world)]
-            self._flag_idx = [(LINE * (1 + self.world) + LINE * p) // 8 for p in range(self.world)]
-            self._words = words
-            words[self._pid_idx[self.rank]] = os.getpid()
-            dist.barrier(group=group)  # everyone has attached and published its PID
+                words = self._attach(name[0], size)
+            except (OSError, ValueError) as exc:
+                problem = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+            # Every rank has attached (or failed to) and published its PID: this is also the barrier.
+            problems: list[str | None] = [None] * self.world
+            dist.all_gather_object(problems, problem, group=group)
         finally:
             if self.rank == 0 and name[0] is not None:
                 try:
                     os.unlink(name[0])
                 except FileNotFoundError:
                     pass
+        failed = [p for p in problems if p]
+        if failed:
+            if problem is None:
+                self._release()
+            raise ShmUnavailable(f"shared memory unusable: {failed[0]}")
         self.pids = [int(words[i]) for i in self._pid_idx]
         self._gen = 0
         raw = torch.frombuffer(self._mm, dtype=torch.uint8)
@@ -157,6 +151,47 @@ class ShmCollectives:
         self._peers = [p for p in range(self.world) if p != self.rank]
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    def _create(self, path_dir: str, size: int) -> str | None:
+        """Rank 0: a new segment file with its header written; None if it cannot be made."""
+        path = os.path.join(path_dir, f"shardwise-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            return None
+        try:
+            os.ftruncate(fd, size)
+            head = mmap.mmap(fd, LINE)
+            head[0:32] = b"".join(int(v).to_bytes(8, "little") for v in (MAGIC, 1, self.world, self.slot_bytes))
+            head.close()
+        except OSError:
+            os.unlink(path)
+            return None
+        finally:
+            os.close(fd)
+        return path
+
+    def _attach(self, path: str | None, size: int) -> memoryview:
+        if path is None:
+            raise FileNotFoundError("rank 0 could not create a segment in /dev/shm")
+        fd = os.open(path, os.O_RDWR)  # fails if this rank sees another /dev/shm (e.g. another container)
+        try:
+            self._mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        words = memoryview(self._mm).cast("q")
+        if words[0] != MAGIC or words[2] != self.world or words[3] != self.slot_bytes:
+            words.release()
+            raise ValueError(f"segment {path} does not match this group (world {self.world})")
+        self._pid_idx = [(LINE + LINE * p) // 8 for p in range(self.world)]
+        self._flag_idx = [(LINE * (1 + self.world) + LINE * p) // 8 for p in range(self.world)]
+        self._words = words
+        words[self._pid_idx[self.rank]] = os.getpid()
+        return words
+
+    def _release(self) -> None:
+        self._words.release()
+        self._mm.close()
 
     def close(self) -> None:
         """Drop the mapping (the file itself was unlinked at construction)."""
