@@ -344,6 +344,13 @@ def render(res: dict) -> str:
             lines.append(f"| {engine} | {tp} | {_fmt(row['prefill'])} | {_fmt(row['decode'])} | {ratio} | "
                          f"{row['decode'] / model['bound']:.0%} | {row.get('load_avg', 0):.1f} |")
         lines.append("")
+    loads = [row.get("load_avg", 0) for model in res["models"] for row in model["rows"].values()]
+    if loads and max(loads) > m["cores"]:
+        lines += [f"**Caution:** the load average reached {max(loads):.1f} on {m['cores']} cores during this run. "
+                  "With more runnable processes than cores, a configuration's share of the CPU grows with its "
+                  "number of processes (the scheduler is fair per thread), and multi-threaded single processes "
+                  "suffer most (their threads wait for each other at every parallel region), so ratios lean "
+                  "towards higher TP degrees; rerun on an idle machine for clean figures.", ""]
     lines += ["### Targets", ""]
     lines += [f"- {t}" for t in res["targets"]]
     lines.append("")
