@@ -68,6 +68,9 @@ def _mask(key_valid: torch.Tensor, key_pos: torch.Tensor, q_slots: torch.Tensor,
     return allowed.unsqueeze(1)
 
 
+MASK_TABLE_LIMIT = 1 << 28  # bytes: above this, sliding-window decode masks are built per step instead
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -84,12 +87,16 @@ def generate(
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens
     ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
+    # Everything the decode steps need is built here, once: every new token is a real key, and its
+    # position is one past the previous one, so validity and positions of all slots are known up front.
     key_valid = torch.zeros(batch, total, dtype=torch.bool)
+    key_valid[:, longest:] = True
     for i, p in enumerate(prompts):
         ids[i, longest - len(p):] = torch.tensor(p)
         key_valid[i, longest - len(p):longest] = True
     key_pos = torch.zeros(batch, total, dtype=torch.long)
     key_pos[:, :longest] = (key_valid[:, :longest].cumsum(1) - 1).clamp(min=0)
+    key_pos[:, longest:] = key_pos[:, longest - 1:longest] + torch.arange(1, max_new_tokens + 1)
     window = model.config.sliding_window
     cache = KVCache(model.config.num_layers, total)
     model.init_rope(total, device)
@@ -104,28 +111,42 @@ def generate(
     sync()
     t1 = time.perf_counter()
 
-    out = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool)
+    # Decode masks: the query at slot s sees slots 0..s that are valid (and, with a sliding window,
+    # within the window of its position); step s uses a slice of a tensor built once, never a new one.
+    dev_pos = key_pos.to(device)
+    if window is None:
+        step_masks = key_valid.to(device)[:, None, None, :]  # [batch, 1, 1, total]; step s: [..., :s + 1]
+    elif batch * max_new_tokens * total <= MASK_TABLE_LIMIT:
+        q_pos = key_pos[:, longest:, None]  # [batch, steps, 1]
+        table = key_valid[:, None, :] & ((q_pos - key_pos[:, None, :]) < window)
+        step_masks = table.to(device)[:, None, :, None, :]  # [batch, 1, steps, 1, total]
+    else:
+        step_masks = None
+    eos = set(eos_token_ids)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
     kept = [logits.cpu()] if keep_logits else []
-    next_pos = key_pos[:, longest - 1] + 1
     steps = 0
     for step in range(max_new_tokens):
-        for i in range(batch):
+        for i, t in enumerate(tokens.tolist()):
             if not done[i]:
-                out[i].append(int(tokens[i]))
-        done |= torch.isin(tokens, torch.tensor(eos_token_ids or (-1,)))
-        if bool(done.all()) or step == max_new_tokens - 1:
+                out[i].append(t)
+                done[i] = t in eos
+        if all(done) or step == max_new_tokens - 1:
             break
         slot = longest + step
-        key_valid[:, slot] = True
-        key_pos[:, slot] = next_pos
-        mask = _mask(key_valid[:, : slot + 1], key_pos[:, : slot + 1], torch.tensor([slot]), next_pos[:, None], window)
-        logits = model(tokens[:, None].to(device), next_pos[:, None].to(device), mask.to(device), cache, slot)
+        if window is None:
+            mask = step_masks[..., : slot + 1]
+        elif step_masks is not None:
+            mask = step_masks[:, :, step, :, : slot + 1]
+        else:
+            mask = _mask(key_valid[:, : slot + 1], key_pos[:, : slot + 1], torch.tensor([slot]),
+                         key_pos[:, slot:slot + 1], window).to(device)
+        logits = model(tokens[:, None].to(device), dev_pos[:, slot:slot + 1], mask, cache, slot)
         logits = logits[:, -1].float()
         tokens = _choose(logits.cpu(), sampling, gen, comm)
         if keep_logits:
             kept.append(logits.cpu())
-        next_pos = next_pos + 1
         steps += 1
     sync()
     t2 = time.perf_counter()

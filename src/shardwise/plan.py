@@ -24,14 +24,13 @@ import re
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Union
 
 import yaml
 
 from .errors import ShardwiseError
 from .mesh import Mesh
 
-AxisEntry = Union[str, tuple[str, ...], None]  # noqa: UP007 (a runtime alias on 3.10)
+AxisEntry = str | tuple[str, ...] | None
 Spec = tuple[AxisEntry, ...]
 
 

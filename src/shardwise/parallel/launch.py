@@ -72,7 +72,9 @@ def _rank_entry(local_rank: int, fn: Worker, world: int, start_rank: int, init_m
     except BaseException as exc:
         text = str(exc) if isinstance(exc, ShardwiseError) else f"{type(exc).__name__}: {exc}"
         first_line = (text.strip().splitlines() or [type(exc).__name__])[0]
-        (Path(error_dir) / f"rank{local_rank}").write_text(f"{time.monotonic()}\n{first_line}")
+        tmp = Path(error_dir) / f".rank{local_rank}"
+        tmp.write_text(f"{time.monotonic()}\n{first_line}")
+        tmp.rename(Path(error_dir) / f"rank{local_rank}")  # whole or absent, even if we are killed now
         raise
 
 
@@ -135,7 +137,10 @@ def _root_cause(exc: ProcessException, error_dir: Path, processes, start_rank: i
     errors = {}
     for f in error_dir.glob("rank*"):
         stamp, _, text = f.read_text().partition("\n")
-        errors[int(f.name[4:])] = (float(stamp), text)
+        try:
+            errors[int(f.name[4:])] = (float(stamp), text)
+        except ValueError:
+            continue
     # Files and processes are indexed by local rank; messages name global ranks.
     own = {r: e for r, e in errors.items() if not any(s in e[1] for s in _PEER_LOSS)}
     if own:
@@ -144,9 +149,16 @@ def _root_cause(exc: ProcessException, error_dir: Path, processes, start_rank: i
     for rank, proc in enumerate(processes):
         code = proc.exitcode
         if rank not in errors and code not in (0, None, -signal.SIGTERM):
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            how = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
             return f"rank {start_rank + rank} died ({how}); the other ranks were stopped"
     if errors:
         rank = min(errors, key=lambda r: errors[r][0])
         return f"rank {start_rank + rank} failed: {errors[rank][1]}"
     return f"rank {start_rank + exc.error_index} failed"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
