@@ -15,6 +15,7 @@ import mmap
 import os
 import struct
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,11 +145,14 @@ class SliceReader:
         row_bytes = math.prod(shape[1:]) * info.itemsize
         begin, end = info.begin + first * row_bytes, info.begin + last * row_bytes
         aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-        # A private writable mapping, never written: torch.frombuffer wants a writable buffer.
-        mm = mmap.mmap(self._fd(info.file), end - aligned, flags=mmap.MAP_PRIVATE | _MAP_POPULATE,
-                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        # Read-only and shared: the page-cache pages themselves are mapped. (A private writable
+        # mapping populates with write faults, copying every page into fresh memory first.)
+        mm = mmap.mmap(self._fd(info.file), end - aligned, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+                       prot=mmap.PROT_READ, offset=aligned)
         count = (end - begin) // info.itemsize
-        view = torch.frombuffer(mm, dtype=DTYPES[info.dtype], count=count, offset=begin - aligned)
+        with warnings.catch_warnings():  # torch warns that the buffer is read-only; we only read it
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.frombuffer(mm, dtype=DTYPES[info.dtype], count=count, offset=begin - aligned)
         with self._lock:
             self.bytes_fetched += end - aligned
         return mm, view.view((last - first, *shape[1:]))
@@ -268,9 +272,11 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 class Arena:
     """One zero-filled anonymous mapping that a rank's whole shard is carved from.
 
-    Fresh memory costs a page fault per 4 KiB page on first touch, which on virtual machines is slower
-    than reading the page cache; one mapping advised to use transparent huge pages takes 512 times
-    fewer faults, and it is already zero, so padding needs no extra pass.
+    One mapping instead of a tensor per weight: it is already zero, so padding needs no extra pass,
+    and the shard is one region. Transparent huge pages would take 512 times fewer faults, but in
+    fresh processes on virtual machines each huge-page fault can cost far more than the 512 small
+    ones it replaces (bench/load.py measured 3.9x slower loads here), so they are opt-in:
+    ``SHARDWISE_HUGEPAGES=1``.
     """
 
     ALIGN = 64
@@ -278,7 +284,7 @@ class Arena:
     def __init__(self, nbytes: int):
         self.nbytes = max(nbytes, 1)
         self._map = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
+        if hasattr(mmap, "MADV_HUGEPAGE") and os.environ.get("SHARDWISE_HUGEPAGES") == "1":
             self._map.madvise(mmap.MADV_HUGEPAGE)
         self._used = 0
 
