@@ -45,10 +45,11 @@ import torch  # noqa: E402
 DEFAULT_CONFIG = Path("/work/shared/configs/llama-3.2-1b/config.json")
 SECTION = "## Loading (bench/load.py)"
 RANK_METHODS = ["shard_on_load", "presharded", "hf_tp", "naive", "dcp"]
-DIAGNOSIS_METHODS = ["shard_on_load_no_thp"]  # only when named in --methods
+DIAGNOSIS_METHODS = ["shard_on_load_no_thp", "shard_on_load_hugepages"]  # only when named in --methods
 LABELS = {
     "shard_on_load": "shardwise shard-on-load",
     "shard_on_load_no_thp": "shard-on-load, arena without MADV_HUGEPAGE",
+    "shard_on_load_hugepages": "shard-on-load, SHARDWISE_HUGEPAGES=1",
     "presharded": "shardwise pre-sharded load",
     "preshard_write": "shardwise pre-shard write",
     "hf_tp": "HF transformers tp_plan=auto",
@@ -373,6 +374,16 @@ def load_shard_on_load_no_thp(rank: int, world: int, ckpt: Path, compiled: Path,
         loader_mod.Arena = base
 
 
+def load_shard_on_load_hugepages(rank: int, world: int, ckpt: Path, compiled: Path,
+                                 threads: int) -> tuple[dict, int, dict]:
+    """Diagnosis only (``--methods shard_on_load_hugepages``): shard-on-load with SHARDWISE_HUGEPAGES=1."""
+    os.environ["SHARDWISE_HUGEPAGES"] = "1"
+    try:
+        return load_shard_on_load(rank, world, ckpt, compiled, threads)
+    finally:
+        os.environ.pop("SHARDWISE_HUGEPAGES", None)
+
+
 def load_presharded(rank: int, world: int, ckpt: Path, compiled: Path, threads: int) -> tuple[dict, int, dict]:
     from shardwise.presharded import load_presharded_state
 
@@ -439,6 +450,7 @@ def load_hf(rank: int, world: int, ckpt: Path, compiled: Path, threads: int) -> 
 PREIMPORT = {
     "shard_on_load": ["shardwise.checkpoint", "shardwise.engine", "shardwise.loader"],
     "shard_on_load_no_thp": ["shardwise.checkpoint", "shardwise.engine", "shardwise.loader"],
+    "shard_on_load_hugepages": ["shardwise.checkpoint", "shardwise.engine", "shardwise.loader"],
     "presharded": ["shardwise.presharded"],
     "naive": ["safetensors.torch"],
     "dcp": ["torch.distributed.checkpoint", "torch.distributed.device_mesh", "torch.distributed.tensor",
@@ -447,6 +459,7 @@ PREIMPORT = {
 }
 
 LOADERS = {"shard_on_load": load_shard_on_load, "shard_on_load_no_thp": load_shard_on_load_no_thp,
+           "shard_on_load_hugepages": load_shard_on_load_hugepages,
            "presharded": load_presharded, "naive": load_naive,
            "dcp": load_dcp, "hf_tp": load_hf}
 
