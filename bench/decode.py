@@ -201,7 +201,8 @@ def run_shardwise(path: Path, dtype: str, tp: int, tokens: int, iterations: int,
         return {"error": tail[-1] if tail else f"exit code {proc.returncode}"}
     data = json.loads(report.read_text())
     return {"prefill": data["prefill_tokens_per_second"], "decode": data["decode_tokens_per_second"],
-            "new_tokens": data["new_tokens"][0], "threads_per_rank": data["threads_per_rank"]}
+            "new_tokens": data["new_tokens"][0], "threads_per_rank": data["threads_per_rank"],
+            "load_s": data["load_seconds"]}
 
 
 def _hf_time(model, ids: list[int], tokens: int, repeats: int) -> dict:
@@ -226,9 +227,11 @@ def run_hf_single(path: Path, dtype: torch.dtype, tokens: int, repeats: int, thr
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
+    start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    load_s = time.perf_counter() - start
     try:
-        return {**_hf_time(model, prompt_ids(path), tokens, repeats), "threads": threads}
+        return {**_hf_time(model, prompt_ids(path), tokens, repeats), "threads": threads, "load_s": load_s}
     finally:
         del model
 
@@ -240,9 +243,11 @@ def hf_tp_worker(args: argparse.Namespace) -> None:
     rank = int(os.environ.get("RANK", "0"))
     dtype = getattr(torch, args.dtype)
     try:
+        start = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, tp_plan="auto").eval()
+        load_s = time.perf_counter() - start
         result = {**_hf_time(model, json.loads(args.ids), args.tokens, args.repeats),
-                  "threads": torch.get_num_threads()}
+                  "threads": torch.get_num_threads(), "load_s": load_s}
     except Exception as exc:  # report why HF cannot run this configuration
         result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     if rank == 0:
@@ -332,16 +337,17 @@ def render(res: dict) -> str:
                   f"Weights read per token: {model['weight_bytes'] / 1e6:.0f} MB; memory-bandwidth bound: "
                   f"**{model['bound']:.1f} tokens/s** (weight bytes ÷ copy bandwidth; ranks share one memory bus, "
                   "so the bound is the same at every TP degree).", "",
-                  "| engine | TP | prefill tok/s | decode tok/s | decode vs HF 1 process | decode vs bound "
-                  "| load avg |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| engine | TP | load s | prefill tok/s | decode tok/s | decode vs HF 1 process "
+                  "| decode vs bound | load avg |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in model["rows"].values():
             engine, tp = row["engine"], row["tp"]
             if "error" in row:
-                lines.append(f"| {engine} | {tp} | cannot run: {row['error'].replace('|', '/')} | | | | |")
+                lines.append(f"| {engine} | {tp} | cannot run: {row['error'].replace('|', '/')} | | | | | |")
                 continue
             ratio = f"{row['decode'] / base:.2f}x" if base else "-"
-            lines.append(f"| {engine} | {tp} | {_fmt(row['prefill'])} | {_fmt(row['decode'])} | {ratio} | "
+            load = f"{row['load_s']:.2f}" if "load_s" in row else "-"
+            lines.append(f"| {engine} | {tp} | {load} | {_fmt(row['prefill'])} | {_fmt(row['decode'])} | {ratio} | "
                          f"{row['decode'] / model['bound']:.0%} | {row.get('load_avg', 0):.1f} |")
         lines.append("")
     loads = [row.get("load_avg", 0) for model in res["models"] for row in model["rows"].values()]

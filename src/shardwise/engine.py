@@ -10,13 +10,14 @@ This is the Python API for code that already runs on every rank (e.g. under torc
 from __future__ import annotations
 
 import logging
-import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .checkpoint import DTYPE_NAMES, CheckpointSource
+from .checkpoint import CheckpointSource
 from .config import ModelConfig, load_config
 from .errors import ShardwiseError
 from .layout import Layout, compute_layout
@@ -72,6 +73,23 @@ def check_tp_degree(config: ModelConfig, tp_degree: int) -> None:
 def check_mesh(config: ModelConfig, mesh: Mesh) -> None:
     if TENSOR_AXIS in mesh.axis_names:
         check_tp_degree(config, mesh.size(TENSOR_AXIS))
+
+
+@contextmanager
+def _skip_init():
+    """Build modules without their random initialisation: the loaded shard replaces every parameter.
+
+    Besides wasted work, ``normal_`` on the meta device goes through torch's reference kernels, whose
+    first use imports torch._dynamo: over a second of start-up in every rank.
+    """
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    for cls in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
 
 
 @dataclass
@@ -139,7 +157,7 @@ def load_sharded(
         if comm.rank == 0:
             log.info("Sharding weights for ranks: 0...%d", comm.world_size - 1)
         state, stats = load_rank_state(source, layout, comm.rank, torch_dtype, read_threads, progress)
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = LlamaForCausalLM(config)
     mesh = layout.mesh
     storage = storage_axes(mesh)
@@ -159,12 +177,3 @@ def load_sharded(
     model.eval()
     return ShardedModel(model, config, layout, comm.rank, comm, stats, torch_dtype)
 
-
-def describe_dtype(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES.get(dtype, str(dtype))
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
