@@ -402,7 +402,7 @@ def write_section(doc: Path, text: str) -> None:
         new = old.rstrip("\n") + "\n\n" + text
     else:
         nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[nxt + 1:] if nxt >= 0 else "")
+        new = old[:start] + text.rstrip("\n") + "\n\n" + (old[nxt + 1:] if nxt >= 0 else "")
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(new.rstrip("\n") + "\n")
 
