@@ -132,3 +132,18 @@ def tiny_model_dir(tiny_checkpoint):
     """The tiny checkpoint plus a tokenizer, so `shardwise run` can drive it end to end."""
     save_word_tokenizer(tiny_checkpoint, TINY["vocab_size"])
     return tiny_checkpoint
+
+
+@pytest.fixture
+def torchrun():
+    """(torchrun executable, environment, a free loopback port) for tests that start real torchrun jobs."""
+    import shutil
+    import socket
+
+    exe = shutil.which("torchrun")
+    if exe is None:
+        pytest.skip("torchrun not on PATH")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return exe, {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, port

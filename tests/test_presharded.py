@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -195,25 +194,15 @@ def test_peak_memory_is_the_shard_plus_a_bounded_buffer(tmp_path):
     assert peak <= shard * 1.1 + (256 << 20), f"peak {peak / 2**20:.0f} MiB for a {shard / 2**20:.0f} MiB shard"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_nodes_with_torchrun(smollm2, tmp_path):
+def test_two_nodes_with_torchrun(smollm2, tmp_path, torchrun):
     """Two 'nodes' on loopback: each pre-shards only its own rank, then torchrun --nnodes 2 runs them."""
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not on PATH")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun, env, port = torchrun
     compiled = tmp_path / "compiled"
     for node in (0, 1):  # NxD's spellings of the flags
         subprocess.run([sys.executable, "-m", "shardwise", "shard", "--model-path", str(smollm2),
                         "--compiled-model-path", str(compiled), "--tp-degree", "2", "--start_rank_id", str(node),
                         "--local_ranks_size", "1"], check=True, env=env, capture_output=True, timeout=300)
-    port = _free_port()
     procs = [subprocess.Popen([torchrun, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
                                "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "shardwise", "run",
                                "--model-path", str(smollm2), "--compiled-model-path", str(compiled), "--skip-sharding",

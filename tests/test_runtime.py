@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import time
 
@@ -44,15 +42,9 @@ def test_dying_rank_stops_the_others():
 
 
 @pytest.mark.slow
-def test_runs_under_torchrun(smollm2, tmp_path):
+def test_runs_under_torchrun(smollm2, tmp_path, torchrun):
     """`shardwise run` under torchrun: same code path, rank 0 prints the answer."""
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not on PATH")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    torchrun, env, port = torchrun
     proc = subprocess.run(
         [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m",
          "shardwise", "run", "--model-path", str(smollm2),
