@@ -217,3 +217,18 @@ def test_two_nodes_with_torchrun(smollm2, tmp_path, torchrun):
                 p.kill()
     assert all(p.returncode == 0 for p in procs), outs[0][1][-1500:] + outs[1][1][-1500:]
     assert "Paris" in outs[0][0] and "Loading pre-sharded weights" in outs[0][1]
+
+
+def test_a_user_plan_is_checked_against_itself(source, tmp_path):
+    """Files pre-sharded with a user's plan load with that plan (not judged against the family's)."""
+    from shardwise.loader import load_rank_state
+
+    plan = builtin_plan("llama").with_overrides([f"model.layers.*.mlp.{n}.weight=[null,null]"
+                                                 for n in ("gate_proj", "up_proj", "down_proj")])
+    preshard(source, tmp_path / "c", 2, "float32", plan)
+    layout = model_layout(source, 2, plan)
+    for rank in range(2):
+        state, _ = load_presharded_state(tmp_path / "c", rank, 2, "float32", model_path=source, plan=plan)
+        assert_same(state, load_rank_state(CheckpointSource(source), layout, rank, torch.float32)[0])
+    with pytest.raises(ShardwiseError, match="the sharding plan changed"):
+        load_presharded_state(tmp_path / "c", 0, 2, "float32", model_path=source)

@@ -141,7 +141,7 @@ def load_sharded(
             log.info("Loading pre-sharded weights for ranks: 0...%d from %s", comm.world_size - 1,
                      Path(compiled_model_path) / presharded.WEIGHTS)
         state, stats = presharded.load_presharded_state(compiled_model_path, comm.rank, comm.world_size, dtype,
-                                                        model_path, reshard, read_threads)
+                                                        model_path, reshard, plan)
         config, layout = presharded.presharded_layout(manifest, comm.world_size)
         torch_dtype = next(iter(state.values())).dtype
     else:

@@ -346,13 +346,14 @@ def check_presharded(compiled: str | Path, tp_degree: int, dtype: str | torch.dt
 
 
 def require_usable(compiled: str | Path, tp_degree: int, dtype: str | torch.dtype = "auto",
-                   model_path: str | Path | None = None, reshard: bool = False) -> tuple[dict, bool]:
+                   model_path: str | Path | None = None, reshard: bool = False,
+                   plan: Plan | None = None) -> tuple[dict, bool]:
     """Refuse a stale or incomplete pre-sharded checkpoint, saying what changed and what to do.
 
     Returns the manifest and whether the files must be re-sliced for another TP degree.
     """
     compiled = Path(compiled)
-    manifest, problems = check_presharded(compiled, tp_degree, dtype, model_path)
+    manifest, problems = check_presharded(compiled, tp_degree, dtype, model_path, plan)
     tp_changed = [p for p in problems if p.startswith("the TP degree changed")]
     if problems and not (reshard and problems == tp_changed):
         hint = (f"re-shard with `shardwise shard --model-path SRC --compiled-model-path {compiled}`"
@@ -381,7 +382,7 @@ def load_presharded_state(
     dtype: str | torch.dtype = "auto",
     model_path: str | Path | None = None,
     reshard: bool = False,
-    threads: int = 4,
+    plan: Plan | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadStats]:
     """This rank's state dict from pre-sharded files, refusing stale ones.
 
@@ -390,7 +391,7 @@ def load_presharded_state(
     """
     start = time.perf_counter()
     compiled = Path(compiled_model_path)
-    manifest, tp_changed = require_usable(compiled, tp_degree, dtype, model_path, reshard)
+    manifest, tp_changed = require_usable(compiled, tp_degree, dtype, model_path, reshard, plan)
     old_world = math.prod(manifest["mesh"]["sizes"])
     torch_dtype = resolve_dtype(manifest["dtype"] if dtype == "auto" else dtype, config_from_dict(manifest["config"]))
     files = [rank_file(compiled, r) for r in range(old_world)]

@@ -187,7 +187,7 @@ def validate(opts: RunOptions):
         from .presharded import require_usable
 
         source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path) else None
-        require_usable(opts.compiled_model_path, mesh.world_size, opts.torch_dtype, source, opts.reshard)
+        require_usable(opts.compiled_model_path, mesh.world_size, opts.torch_dtype, source, opts.reshard, plan)
     tokenizer = load_tokenizer(opts.model_path)
     encoded = encode_prompts(tokenizer, opts.prompts, opts.chat_template)
     for text, ids in zip(opts.prompts, encoded):
