@@ -49,6 +49,18 @@ def test_presharded_equals_shard_on_load(source, tmp_path):
         assert_same(state, on_load(source, 3, rank, torch.bfloat16))
 
 
+def test_presharded_tensors_are_private_views_of_the_rank_file(source, tmp_path):
+    """Loaded from a rank file, tensors are its pages (nothing copied); writes stay in the process."""
+    preshard(source, tmp_path / "c", 2, "float32")
+    state, stats = load_presharded_state(tmp_path / "c", 1, 2, "float32")
+    assert stats.bytes_mapped == stats.bytes_held > 0
+    name = "model.layers.0.self_attn.q_proj.weight"
+    original = state[name].clone()
+    state[name].zero_()
+    again, _ = load_presharded_state(tmp_path / "c", 1, 2, "float32", model_path=source)
+    assert torch.equal(again[name], original) and original.any()
+
+
 def _rewrite_one_tensor(path: Path):
     from safetensors.torch import load_file, save_file
 

@@ -12,8 +12,11 @@ from shardwise.engine import model_layout
 from shardwise.loader import load_rank_state
 
 
+@pytest.mark.parametrize("map_all", [False, True], ids=["default", "map-every-contiguous-slice"])
 @pytest.mark.parametrize("tp", [2, 3, 4, 6])  # at 6, o_proj slices are narrow: the mapped-read path
-def test_each_rank_reads_only_its_slices(tiny_models, tp):
+def test_each_rank_reads_only_its_slices(tiny_models, tp, map_all, monkeypatch):
+    if map_all:  # tiny tensors are below the size worth a mapping; map them all to test the views
+        monkeypatch.setattr(SliceReader, "MAP_MIN_BYTES", 0)
     path = tiny_models["gqa9_tied"]
     source = CheckpointSource(path)
     layout = model_layout(path, tp)
@@ -74,3 +77,47 @@ def test_reader_counts_bytes(tiny_models):
     view = reader.source_view("model.norm.weight")
     assert view.shape == (72,) and reader.bytes_read == 0
     reader.close()
+
+
+def _contiguous_slice_bytes(layout, rank, itemsize):
+    """Bytes of the slices that are one byte range of their file (whole rows, no padding)."""
+    total = 0
+    for name, t in layout.tensors.items():
+        shard = t.shards[rank]
+        if t.source != name or shard.has_padding or len(shard.dims[0]) != 1:
+            continue
+        if all(len(segs) == 1 and segs[0].start == 0 for segs in shard.dims[1:]):
+            total += shard.source_numel * itemsize
+    return total
+
+
+def test_contiguous_slices_are_views_of_the_file_and_copy_on_write(tiny_models, monkeypatch):
+    """Whole-row slices in the file's dtype are mapped, not copied; writing to them never reaches the file."""
+    monkeypatch.setattr(SliceReader, "MAP_MIN_BYTES", 0)
+    path = tiny_models["gqa9_tied"]
+    source = CheckpointSource(path)
+    layout = model_layout(path, 3)
+    state, stats = load_rank_state(source, layout, 1, torch.float32)
+    expected = _contiguous_slice_bytes(layout, 1, 4)
+    assert 0 < stats.bytes_mapped == expected < stats.bytes_held
+    name = "model.layers.0.mlp.up_proj.weight"  # column-parallel: whole rows
+    before = load_file(str(source.tensors[name].file))[name].clone()
+    state[name].fill_(7.0)  # private mapping: this process gets its own copy of the pages
+    assert torch.equal(load_file(str(source.tensors[name].file))[name], before)
+    again, _ = load_rank_state(source, layout, 1, torch.float32)
+    assert not torch.equal(again[name], state[name]) and not (again[name] == 7.0).all()
+
+
+def test_nothing_is_mapped_when_the_dtype_changes_or_mapping_is_off(tiny_models, monkeypatch):
+    monkeypatch.setattr(SliceReader, "MAP_MIN_BYTES", 0)
+    path = tiny_models["gqa9_tied"]
+    source, layout = CheckpointSource(path), model_layout(path, 2)
+    cast, cast_stats = load_rank_state(source, layout, 0, torch.bfloat16)
+    assert cast_stats.bytes_mapped == 0
+    copied, copied_stats = load_rank_state(source, layout, 0, torch.float32, map_weights=False)
+    mapped, mapped_stats = load_rank_state(source, layout, 0, torch.float32)
+    assert copied_stats.bytes_mapped == 0 < mapped_stats.bytes_mapped
+    assert copied_stats.bytes_read == mapped_stats.bytes_read
+    for name in copied:
+        assert torch.equal(copied[name], mapped[name])
+        assert torch.equal(cast[name], mapped[name].to(torch.bfloat16))

@@ -2,9 +2,14 @@
 
 A safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte offsets),
 then raw little-endian data. We parse the header ourselves because the safetensors library does not
-expose data offsets, and offsets are what let a rank read only its own bytes: each file is memory-
-mapped once, each slice is copied out of the mapping by a strided copy that touches only the slice's
-bytes, and the copy casts to the target dtype on the way (one pass over the data, no full tensor).
+expose data offsets, and offsets are what let a rank read only its own bytes.
+
+A slice that is one contiguous byte range already in the wanted dtype (whole rows of a
+column-parallel weight or of the embedding) is not copied at all: it becomes a tensor over a private
+mapping of exactly that range of the file, whose pages are the page cache's own (mapped up front, so
+the weights are resident when loading returns). Ranks on one machine then share one copy of the
+weights, and loading costs no fresh memory. Other slices (column slices of row-parallel weights,
+padded or re-typed ones) are copied into memory the caller provides, cast on the way.
 """
 
 from __future__ import annotations
@@ -116,6 +121,8 @@ class CheckpointSource:
 class SliceReader:
     """Reads rank slices out of checkpoint files; safe to use from several threads.
 
+    ``map_slice`` returns a zero-copy view for slices that ``mappable`` accepts; ``read`` copies.
+
     Memory stays bounded whatever the checkpoint size: source bytes are mapped a chunk of rows at a
     time (at most ``CHUNK_BYTES``, prefaulted in one call with ``MAP_POPULATE``) and unmapped as soon as
     they are copied, so resident memory is the shard being built plus a few chunks. ``bytes_read``
@@ -132,6 +139,7 @@ class SliceReader:
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.bytes_fetched = 0
+        self.bytes_mapped = 0
 
     def _fd(self, path: Path) -> int:
         with self._lock:
@@ -156,6 +164,49 @@ class SliceReader:
         with self._lock:
             self.bytes_fetched += end - aligned
         return mm, view.view((last - first, *shape[1:]))
+
+    # Smaller slices are copied: a mapping costs a system call and a kernel object, a copy of a few
+    # pages costs less, and small tensors would otherwise round up to whole pages each.
+    MAP_MIN_BYTES = 1 << 20
+
+    def mappable(self, source_name: str, shard: ShardSlice, dtype: torch.dtype) -> bool:
+        """Whether ``map_slice`` can serve this slice: one contiguous byte range, already ``dtype``."""
+        info = self.source.tensors[source_name]
+        if not (CAN_MAP and info.shape and DTYPES[info.dtype] == dtype and not shard.has_padding):
+            return False
+        rows = shard.dims[0]
+        if len(rows) != 1 or rows[0].start is None:
+            return False
+        whole_rows = all(len(segs) == 1 and segs[0] == Segment(0, size)
+                         for segs, size in zip(shard.dims[1:], info.shape[1:]))
+        if not whole_rows:
+            return False
+        row_bytes = math.prod(info.shape[1:]) * info.itemsize
+        # (a tensor's data must start on a multiple of its element size to be viewed in place)
+        return rows[0].length * row_bytes >= self.MAP_MIN_BYTES and info.begin % info.itemsize == 0
+
+    def map_slice(self, source_name: str, shard: ShardSlice) -> torch.Tensor:
+        """The slice as a tensor over a private mapping of exactly its byte range, pages mapped in.
+
+        Private: writing to the tensor copies the page for this process and never reaches the file.
+        The mapping lives as long as the tensor. Like any memory-mapped weights, it assumes the file
+        is not modified in place while in use (replacing it by rename is safe).
+        """
+        info = self.source.tensors[source_name]
+        (seg,) = shard.dims[0]
+        row_bytes = math.prod(info.shape[1:]) * info.itemsize
+        begin = info.begin + seg.start * row_bytes
+        end = begin + seg.length * row_bytes
+        fd = self._fd(info.file)
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        mm = map_populated(fd, aligned, end - aligned, begin)
+        view = torch.frombuffer(mm, dtype=DTYPES[info.dtype], count=(end - begin) // info.itemsize,
+                                offset=begin - aligned)
+        with self._lock:
+            self.bytes_read += end - begin
+            self.bytes_fetched += end - aligned
+            self.bytes_mapped += end - begin
+        return view.view(shard.local_shape)
 
     def source_view(self, name: str) -> torch.Tensor:
         """The whole source tensor as a view over the file (for small tensors and tests)."""
@@ -267,6 +318,47 @@ class SliceReader:
 
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module has no name for it
+
+
+def _probe_populate_read() -> bool:
+    """Whether this kernel maps pages in on request (what ``map_populated`` relies on)."""
+    if os.environ.get("SHARDWISE_MAP_WEIGHTS", "1") == "0" or not hasattr(mmap, "MAP_PRIVATE"):
+        return False
+    try:
+        probe = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            probe.madvise(_MADV_POPULATE_READ)
+        finally:
+            probe.close()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
+CAN_MAP = _probe_populate_read()
+
+
+def map_populated(fd: int, offset: int, length: int, data_begin: int | None = None) -> mmap.mmap:
+    """A private, writable (copy-on-write) mapping of ``length`` file bytes at ``offset``, pages mapped in.
+
+    ``MADV_POPULATE_READ`` maps the page-cache pages read-only in one call, without the copy a
+    private writable ``MAP_POPULATE`` would make; ``POSIX_FADV_WILLNEED`` first starts reading the whole
+    range, so a cold file is read in large requests rather than fault by fault. The mapping covers
+    exactly the range: pages outside it are never mapped, even where the page cache holds them as
+    one large folio.
+    """
+    start = offset if data_begin is None else data_begin
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, start, offset + length - start, os.POSIX_FADV_WILLNEED)
+    mm = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    try:
+        mm.madvise(_MADV_POPULATE_READ)
+    except OSError as exc:
+        mm.close()
+        raise ShardwiseError(f"cannot map checkpoint bytes {offset}..{offset + length} into memory ({exc}); "
+                             "is the file truncated?") from None
+    return mm
 
 
 class Arena:

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import Arena, CheckpointSource, SliceReader
-from .layout import Layout
+from .layout import Layout, TensorLayout
 
 log = logging.getLogger("shardwise")
 
@@ -23,6 +23,7 @@ class LoadStats:
     bytes_read: int  # source bytes of this rank's slices
     bytes_held: int  # bytes of the tensors built (padding included)
     bytes_fetched: int = 0  # file bytes copied or mapped to get them (whole rows for wide column slices)
+    bytes_mapped: int = 0  # of bytes_held, those that are views of the files' page-cache pages (no copy)
 
 
 def load_rank_state(
@@ -32,29 +33,56 @@ def load_rank_state(
     dtype: torch.dtype,
     threads: int = 4,
     progress: bool = False,
+    map_weights: bool = True,
 ) -> tuple[dict[str, torch.Tensor], LoadStats]:
     """Read rank ``rank``'s slice of every tensor, cast to ``dtype``, in parallel threads.
 
+    With ``map_weights`` (the default), slices that are contiguous in the file and already ``dtype``
+    are views of the file's pages (``SliceReader.map_slice``); the rest are copied into one arena.
     Tied parameters (e.g. ``lm_head.weight``) are not read twice: the model ties them after loading.
-    Reads run on a thread pool because the strided copies release the GIL.
+    Reads run on a thread pool because the copies and page mapping release the GIL.
     """
     start = time.perf_counter()
     reader = SliceReader(source)
     todo = [(name, t) for name, t in layout.tensors.items() if t.source == name]
-    arena = Arena(sum(Arena.size_of(t.shards[rank].local_shape, dtype) for _, t in todo))
-    outs = {name: arena.take(t.shards[rank].local_shape, dtype) for name, t in todo}
-    state: dict[str, torch.Tensor] = {}
+    mapped = [name for name, t in todo if map_weights and reader.mappable(name, t.shards[rank], dtype)]
+    copied = [(name, t) for name, t in todo if name not in set(mapped)]
+    arena = Arena(sum(Arena.size_of(t.shards[rank].local_shape, dtype) for _, t in copied))
+    outs = {name: arena.take(t.shards[rank].local_shape, dtype) for name, t in copied}
+    results: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(todo), desc=f"rank {rank} loading", unit="tensor", disable=not progress,
                file=sys.stderr, leave=False)
+
+    def copy_all(items: list[tuple[str, TensorLayout]]) -> None:
+        for name, t in items:
+            results[name] = reader.read(t.source, t.shards[rank], dtype, outs[name])
+            bar.update(1)
+
     try:
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            futures = {name: pool.submit(reader.read, t.source, t.shards[rank], dtype, outs[name])
-                       for name, t in todo}
-            for name, fut in futures.items():
-                state[name] = fut.result()
-                bar.update(1)
+        # Mapping holds the GIL (the madvise call does not release it), so threads would only queue
+        # for it: mappings are made here, one after another, before the copies start (faults in the
+        # arena and new mappings would also contend for the address-space lock).
+        for name in mapped:
+            results[name] = reader.map_slice(name, layout.tensors[name].shards[rank])
+            bar.update(1)
+        # Copies release the GIL. One task per thread, balanced by bytes: submitting a task per tensor
+        # while workers run costs a GIL hand-off per submission.
+        buckets: list[list[tuple[str, TensorLayout]]] = [[] for _ in range(max(1, min(threads, len(copied))))]
+        loads = [0] * len(buckets)
+        for name, t in sorted(copied, key=lambda item: -outs[item[0]].nbytes):
+            i = loads.index(min(loads))
+            buckets[i].append((name, t))
+            loads[i] += outs[name].nbytes
+        if len(buckets) == 1:
+            copy_all(buckets[0])
+        else:
+            with ThreadPoolExecutor(max_workers=len(buckets)) as pool:
+                for fut in [pool.submit(copy_all, b) for b in buckets]:
+                    fut.result()
     finally:
         bar.close()
         reader.close()
+    state = {name: results[name] for name, _ in todo}
     held = sum(t.numel() * t.element_size() for t in state.values())
-    return state, LoadStats(time.perf_counter() - start, reader.bytes_read, held, reader.bytes_fetched)
+    return state, LoadStats(time.perf_counter() - start, reader.bytes_read, held, reader.bytes_fetched,
+                            reader.bytes_mapped)

@@ -20,6 +20,7 @@ sequence parallelism maps onto the model, and the rules ``--sequence-parallel-en
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -81,6 +82,7 @@ class SequenceParallel:
     rules: tuple[str, ...]
 
 
+@functools.lru_cache(maxsize=4096)  # layouts match every rule against every tensor name
 def _compile(pattern: str) -> re.Pattern[str]:
     parts = [re.escape(p) for p in pattern.split("*")]
     return re.compile(r"\d+".join(parts) + r"\Z")

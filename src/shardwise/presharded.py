@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (
+    CAN_MAP,
     DTYPE_NAMES,
     DTYPES,
     Arena,
@@ -41,6 +43,7 @@ from .checkpoint import (
     _bytes_of,
     _pread_exact,
     _scratch,
+    map_populated,
     read_header,
 )
 from .config import ModelConfig, config_from_dict, load_config
@@ -401,22 +404,35 @@ def load_presharded_state(
 
 
 def _read_rank_file(path: Path, dtype: torch.dtype, start: float) -> tuple[dict[str, torch.Tensor], LoadStats]:
-    """A rank file is exactly the rank's shard: read its data in one go into an arena, carve views."""
+    """A rank file is exactly the rank's shard: map it (or read it into an arena) and carve the tensors.
+
+    Mapped, its tensors are the page cache's own pages (no copy, no fresh memory; see
+    ``checkpoint.map_populated``); without page mapping (``SHARDWISE_MAP_WEIGHTS=0``), one read fills
+    an arena.
+    """
     infos = read_header(path)
     begin = min((i.begin for i in infos.values()), default=0)
     end = max((i.end for i in infos.values()), default=begin)
-    data = Arena(Arena.size_of((end - begin,), torch.uint8)).take((end - begin,), torch.uint8)
     fd = os.open(path, os.O_RDONLY)
     try:
-        _pread_exact(fd, _bytes_of(data), begin)
+        if CAN_MAP and end > begin:
+            aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+            mm = map_populated(fd, aligned, end - aligned, begin)
+            data = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin - aligned)
+            is_mapped = True
+        else:
+            data = Arena(Arena.size_of((end - begin,), torch.uint8)).take((end - begin,), torch.uint8)
+            _pread_exact(fd, _bytes_of(data), begin)
+            is_mapped = False
     finally:
         os.close(fd)
-    state = {}
+    state, mapped = {}, 0
     for name, info in infos.items():
         raw = data[info.begin - begin : info.end - begin].view(DTYPES[info.dtype]).view(info.shape)
         state[name] = raw if raw.dtype == dtype else raw.to(dtype)
+        mapped += raw.nbytes if is_mapped and raw.dtype == dtype else 0
     held = sum(t.numel() * t.element_size() for t in state.values())
-    return state, LoadStats(time.perf_counter() - start, end - begin, held, end - begin)
+    return state, LoadStats(time.perf_counter() - start, end - begin, held, end - begin, mapped)
 
 
 def _reslice(manifest, files, rank, tp_degree, old_world, dtype, start) -> tuple[dict, LoadStats]:
