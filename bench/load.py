@@ -721,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         if do_preshard:  # (c) from scratch, warm source; also writes the files that (b) loads next
             warm(files)
             preshard_runs.append(measure_preshard(ckpt, compiled, args.tp))
+            os.sync()  # its files reach the disk now, not during the next method's measurement
             shown = (f"{preshard_runs[-1]['seconds']:.2f} s" if "error" not in preshard_runs[-1]
                      else f"FAILED: {preshard_runs[-1]['error']}")
             print(f"  [{rep + 1}/{args.repeats}] warm preshard_write  {shown}", flush=True)
@@ -729,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in rank_methods:
                 fs = pre_files if m == "presharded" else files
                 if mode == "cold":
+                    os.sync()
                     left = evict(fs)
                 else:
                     left = warm(fs)

@@ -121,3 +121,23 @@ def test_nothing_is_mapped_when_the_dtype_changes_or_mapping_is_off(tiny_models,
     for name in copied:
         assert torch.equal(copied[name], mapped[name])
         assert torch.equal(cast[name], mapped[name].to(torch.bfloat16))
+
+
+def test_a_truncated_file_is_a_clear_error(tiny_models, tmp_path, monkeypatch):
+    """Caught from the header before any read; and if cut while loading, an error instead of a SIGBUS."""
+    import shutil
+
+    from shardwise.errors import ShardwiseError
+
+    monkeypatch.setattr(SliceReader, "MAP_MIN_BYTES", 0)
+    path = tmp_path / "m"
+    shutil.copytree(tiny_models["gqa9_tied"], path)
+    victim = sorted(path.glob("*.safetensors"))[0]
+    size = victim.stat().st_size
+    source, layout = CheckpointSource(path), model_layout(path, 2)
+    with open(victim, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ShardwiseError, match="truncated"):
+        CheckpointSource(path)
+    with pytest.raises(ShardwiseError, match="truncated"):
+        load_rank_state(source, layout, 0, torch.float32)

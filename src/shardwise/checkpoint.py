@@ -73,6 +73,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ShardwiseError(f"{path}: cannot read safetensors header ({exc})") from None
     base = 8 + n
+    size = path.stat().st_size
     infos = {}
     for name, meta in header.items():
         if name == "__metadata__":
@@ -80,6 +81,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if meta["dtype"] not in DTYPES:
             raise ShardwiseError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
         begin, end = meta["data_offsets"]
+        if base + end > size:
+            raise ShardwiseError(f"{path}: truncated: tensor {name} ends at byte {base + end} but the file has {size}")
         infos[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), path, base + begin, base + end)
     return infos
 
@@ -155,11 +158,13 @@ class SliceReader:
         begin, end = info.begin + first * row_bytes, info.begin + last * row_bytes
         aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         fd = self._fd(info.file)
-        if hasattr(os, "posix_fadvise"):  # a cold file is then read in large requests, not fault by fault
-            os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
         # Read-only and shared: the page-cache pages themselves are mapped. (A private writable
         # mapping populates with write faults, copying every page into fresh memory first.)
-        mm = mmap.mmap(fd, end - aligned, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ, offset=aligned)
+        try:
+            mm = mmap.mmap(fd, end - aligned, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ,
+                           offset=aligned)
+        except ValueError:  # shorter than its header says
+            raise ShardwiseError(f"{info.file}: the file ends before tensor {info.name}'s data: truncated?") from None
         count = (end - begin) // info.itemsize
         with warnings.catch_warnings():  # torch warns that the buffer is read-only; we only read it
             warnings.simplefilter("ignore", UserWarning)
@@ -217,7 +222,7 @@ class SliceReader:
         begin, end = span
         fd = self._fd(info.file)
         aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-        mm = map_populated(fd, aligned, end - aligned, begin)
+        mm = map_populated(fd, aligned, end - aligned)
         view = torch.frombuffer(mm, dtype=DTYPES[info.dtype], count=(end - begin) // info.itemsize,
                                 offset=begin - aligned)
         with self._lock:
@@ -333,25 +338,27 @@ def _probe_populate_read() -> bool:
 CAN_MAP = _probe_populate_read()
 
 
-def map_populated(fd: int, offset: int, length: int, data_begin: int | None = None) -> mmap.mmap:
+def map_populated(fd: int, offset: int, length: int) -> mmap.mmap:
     """A private, writable (copy-on-write) mapping of ``length`` file bytes at ``offset``, pages mapped in.
 
     ``MADV_POPULATE_READ`` maps the page-cache pages read-only in one call, without the copy a
-    private writable ``MAP_POPULATE`` would make; ``POSIX_FADV_WILLNEED`` first starts reading the whole
-    range, so a cold file is read in large requests rather than fault by fault. The mapping covers
+    private writable ``MAP_POPULATE`` would make; on a cold cache, the kernel's readahead for the
+    mapping reads ahead in large requests (queuing the whole range with chunked
+    ``POSIX_FADV_WILLNEED`` calls was measured slower here). The mapping covers
     exactly the range: pages outside it are never mapped, even where the page cache holds them as
     one large folio.
     """
-    start = offset if data_begin is None else data_begin
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, start, offset + length - start, os.POSIX_FADV_WILLNEED)
-    mm = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    try:
+        mm = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    except (OSError, ValueError) as exc:  # ValueError: the file is shorter than the range
+        raise ShardwiseError(f"cannot map bytes {offset}..{offset + length} of a checkpoint file ({exc}); "
+                             "was it truncated or replaced while loading?") from None
     try:
         mm.madvise(_MADV_POPULATE_READ)
     except OSError as exc:
         mm.close()
-        raise ShardwiseError(f"cannot map checkpoint bytes {offset}..{offset + length} into memory ({exc}); "
-                             "is the file truncated?") from None
+        raise ShardwiseError(f"cannot map bytes {offset}..{offset + length} of a checkpoint file ({exc}); "
+                             "was it truncated or replaced while loading?") from None
     return mm
 
 

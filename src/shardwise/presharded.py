@@ -507,7 +507,7 @@ def _read_rank_file(path: Path, dtype: torch.dtype, start: float) -> tuple[dict[
     try:
         if CAN_MAP and end > begin:
             aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-            mm = map_populated(fd, aligned, end - aligned, begin)
+            mm = map_populated(fd, aligned, end - aligned)
             data = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin - aligned)
             is_mapped = True
         else:
