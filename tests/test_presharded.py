@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardwise.checkpoint import CheckpointSource
+from shardwise.checkpoint import CAN_MAP, CheckpointSource, MapUnavailable
 from shardwise.engine import model_layout
 from shardwise.errors import ShardwiseError
 from shardwise.loader import load_rank_state
@@ -49,11 +49,24 @@ def test_presharded_equals_shard_on_load(source, tmp_path):
         assert_same(state, on_load(source, 3, rank, torch.bfloat16))
 
 
+def mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose mapping holds ``tensor``'s data in this process (from /proc/self/maps), if any."""
+    ptr = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= ptr < hi:
+            return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not CAN_MAP, reason="this kernel cannot map pages in on request (MADV_POPULATE_READ)")
 def test_presharded_tensors_are_private_views_of_the_rank_file(source, tmp_path):
     """Loaded from a rank file, tensors are its pages (nothing copied); writes stay in the process."""
     preshard(source, tmp_path / "c", 2, "float32")
     state, stats = load_presharded_state(tmp_path / "c", 1, 2, "float32")
     assert stats.bytes_mapped == stats.bytes_held > 0
+    assert {mapped_file(t) for t in state.values()} == {str(rank_file(tmp_path / "c", 1))}
     name = "model.layers.0.self_attn.q_proj.weight"
     original = state[name].clone()
     state[name].zero_()
@@ -156,9 +169,79 @@ def test_killed_preshard_leaves_nothing_acceptable_and_resumes(source, tmp_path)
         assert_same(load_presharded_state(out, rank, 4, "float32")[0], on_load(source, 4, rank))
 
 
+def test_unmappable_rank_files_are_read_instead(source, tmp_path, monkeypatch):
+    import shardwise.presharded as ps
+
+    preshard(source, tmp_path / "c", 2, "float32")
+
+    def refuse(*args):
+        raise MapUnavailable("no mappings on this file system")
+
+    monkeypatch.setattr(ps, "map_populated", refuse)
+    state, stats = load_presharded_state(tmp_path / "c", 0, 2, "float32")
+    assert stats.bytes_mapped == 0
+    assert_same(state, on_load(source, 2, 0))
+
+
+def test_a_failure_while_finishing_a_file_leaves_no_debris(source, tmp_path, monkeypatch):
+    """A rank file that cannot be renamed into place fails the run cleanly; the next run completes it."""
+    real = Path.replace
+
+    def replace(self, target):
+        if Path(target).name == rank_file(tmp_path / "c", 1).name:
+            raise OSError(122, "Disk quota exceeded")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(OSError, match="quota"):
+        preshard(source, tmp_path / "c", 3, "float32", threads=2)
+    assert not list((tmp_path / "c" / "weights").glob(".*tmp*"))
+    assert not rank_file(tmp_path / "c", 1).exists()
+    monkeypatch.setattr(Path, "replace", real)
+    stats = preshard(source, tmp_path / "c", 3, "float32")
+    assert 1 in stats.ranks_written
+    for rank in range(3):
+        assert_same(load_presharded_state(tmp_path / "c", rank, 3, "float32")[0], on_load(source, 3, rank))
+
+
+INTERRUPT_SCRIPT = """
+import sys, time
+import shardwise.presharded as ps
+real = ps._write_tensor
+def slow(*a, **k):
+    time.sleep(0.05)
+    return real(*a, **k)
+ps._write_tensor = slow
+from shardwise.presharded import preshard
+print("started", flush=True)
+try:
+    preshard(sys.argv[1], sys.argv[2], 4, "float32", threads=2)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_preshard_promptly(source, tmp_path):
+    """Ctrl-C stops every writer thread at its next piece instead of finishing all rank files."""
+    out = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT, str(source), str(out)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(0.6)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in stdout
+    assert time.monotonic() - start < 1.0
+    assert len([r for r in range(4) if rank_file(out, r).exists()]) < 4
+    assert not list((out / "weights").glob(".*tmp*"))
+
+
 RSS_SCRIPT = """
 import resource, sys, torch
-from shardwise.checkpoint import CheckpointSource
+from shardwise.checkpoint import CAN_MAP, CheckpointSource, MapUnavailable
 from shardwise.engine import model_layout
 from shardwise.loader import load_rank_state
 def rss(field):

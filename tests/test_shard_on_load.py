@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardwise.checkpoint import CheckpointSource, SliceReader
+from shardwise.checkpoint import CAN_MAP, CheckpointSource, MapUnavailable, SliceReader
 from shardwise.config import load_config
 from shardwise.engine import model_layout
 from shardwise.loader import load_rank_state
 
 
 @pytest.mark.parametrize("map_all", [False, True], ids=["default", "map-every-contiguous-slice"])
-@pytest.mark.parametrize("tp", [2, 3, 4, 6])  # at 6, o_proj slices are narrow: the mapped-read path
+@pytest.mark.parametrize("tp", [2, 3, 4, 6])  # at 3 and 6, heads and vocab are padded
 def test_each_rank_reads_only_its_slices(tiny_models, tp, map_all, monkeypatch):
     if map_all:  # tiny tensors are below the size worth a mapping; map them all to test the views
         monkeypatch.setattr(SliceReader, "MAP_MIN_BYTES", 0)
@@ -30,6 +30,7 @@ def test_each_rank_reads_only_its_slices(tiny_models, tp, map_all, monkeypatch):
         # The bytes this rank fetched are exactly its slices (padding is not read) ...
         expected = sum(t.shards[rank].source_numel * 4 for n, t in layout.tensors.items() if t.source == n)
         assert stats.bytes_read == expected
+        assert (stats.bytes_mapped > 0) == (map_all and CAN_MAP)
         # ... which is far less than the checkpoint: its share of split tensors plus the replicated ones.
         # (KV heads may be replicated when heads don't divide, hence the 2x allowance on the split share.)
         assert stats.bytes_read <= 2 * split_bytes / tp + replicated_bytes
@@ -91,6 +92,10 @@ def _contiguous_slice_bytes(layout, rank, itemsize):
     return total
 
 
+needs_mapping = pytest.mark.skipif(not CAN_MAP, reason="this kernel cannot map pages in on request")
+
+
+@needs_mapping
 def test_contiguous_slices_are_views_of_the_file_and_copy_on_write(tiny_models, monkeypatch):
     """Whole-row slices in the file's dtype are mapped, not copied; writing to them never reaches the file."""
     monkeypatch.setattr(SliceReader, "MAP_MIN_BYTES", 0)
@@ -101,6 +106,10 @@ def test_contiguous_slices_are_views_of_the_file_and_copy_on_write(tiny_models, 
     expected = _contiguous_slice_bytes(layout, 1, 4)
     assert 0 < stats.bytes_mapped == expected < stats.bytes_held
     name = "model.layers.0.mlp.up_proj.weight"  # column-parallel: whole rows
+    from test_presharded import mapped_file
+
+    assert mapped_file(state[name]) == str(source.tensors[name].file)
+    assert mapped_file(state["model.layers.0.mlp.down_proj.weight"]) != str(source.tensors[name].file)
     before = load_file(str(source.tensors[name].file))[name].clone()
     state[name].fill_(7.0)  # private mapping: this process gets its own copy of the pages
     assert torch.equal(load_file(str(source.tensors[name].file))[name], before)
@@ -108,6 +117,7 @@ def test_contiguous_slices_are_views_of_the_file_and_copy_on_write(tiny_models, 
     assert not torch.equal(again[name], state[name]) and not (again[name] == 7.0).all()
 
 
+@needs_mapping
 def test_nothing_is_mapped_when_the_dtype_changes_or_mapping_is_off(tiny_models, monkeypatch):
     monkeypatch.setattr(SliceReader, "MAP_MIN_BYTES", 0)
     path = tiny_models["gqa9_tied"]
@@ -123,8 +133,27 @@ def test_nothing_is_mapped_when_the_dtype_changes_or_mapping_is_off(tiny_models,
         assert torch.equal(cast[name], mapped[name].to(torch.bfloat16))
 
 
+def test_slices_that_cannot_be_mapped_are_copied(tiny_models, monkeypatch):
+    import shardwise.checkpoint as ck
+
+    def refuse(*args):
+        raise MapUnavailable("Too many open files")
+
+    monkeypatch.setattr(SliceReader, "MAP_MIN_BYTES", 0)
+    monkeypatch.setattr(ck, "map_populated", refuse)
+    path = tiny_models["gqa9_tied"]
+    source, layout = CheckpointSource(path), model_layout(path, 2)
+    state, stats = load_rank_state(source, layout, 1, torch.float32)
+    reference, _ = load_rank_state(source, layout, 1, torch.float32, map_weights=False)
+    assert stats.bytes_mapped == 0 and stats.bytes_read == _.bytes_read
+    for name in reference:
+        assert torch.equal(state[name], reference[name])
+
+
 def test_a_truncated_file_is_a_clear_error(tiny_models, tmp_path, monkeypatch):
-    """Caught from the header before any read; and if cut while loading, an error instead of a SIGBUS."""
+    """Caught from the header before any read; cut between reading headers and loading, an error
+    rather than a crash. (Cut while its mapped weights are in use, a file raises SIGBUS, as any
+    memory-mapped file does: checkpoints are replaced by writing a new file and renaming it.)"""
     import shutil
 
     from shardwise.errors import ShardwiseError

@@ -14,6 +14,7 @@ padded or re-typed ones) are copied into memory the caller provides, cast on the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -152,7 +153,7 @@ class SliceReader:
             return self._fds[path]
 
     def _map_rows(self, info: TensorInfo, first: int, last: int) -> tuple[mmap.mmap, torch.Tensor]:
-        """A tensor view of rows ``first..last-1`` of ``info`` over a fresh private mapping."""
+        """A tensor view of rows ``first..last-1`` of ``info`` over a read-only shared mapping (for copying)."""
         shape = info.shape or (1,)
         row_bytes = math.prod(shape[1:]) * info.itemsize
         begin, end = info.begin + first * row_bytes, info.begin + last * row_bytes
@@ -198,7 +199,7 @@ class SliceReader:
     def mappable(self, source_name: str, shard: ShardSlice, dtype: torch.dtype) -> bool:
         """Whether ``map_slice`` serves this slice: a byte range of the file, large enough to be worth it."""
         span = self.byte_range(source_name, shard, dtype) if CAN_MAP else None
-        return span is not None and span[1] - span[0] >= self.MAP_MIN_BYTES
+        return span is not None and span[1] - span[0] >= max(1, self.MAP_MIN_BYTES)
 
     def copy_slice_to(self, source_name: str, span: tuple[int, int], dst_fd: int, dst_offset: int) -> None:
         """Copy the file bytes ``span`` (from ``byte_range``) into another file, inside the kernel if it can."""
@@ -338,6 +339,30 @@ def _probe_populate_read() -> bool:
 CAN_MAP = _probe_populate_read()
 
 
+class MapUnavailable(Exception):
+    """This range cannot be mapped here (no memory, too many open files, a file system without
+    mappings): the caller copies it instead."""
+
+
+def allow_open_files(count: int) -> None:
+    """Raise the soft limit on open files so that ``count`` more fit, as far as the hard limit allows.
+
+    Each mapping keeps a duplicate of its file's descriptor (Python's ``mmap`` makes one), so a rank
+    holding hundreds of mapped weights needs hundreds of descriptors; the common soft limit of 1024
+    is a default, not a policy.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = len(os.listdir("/proc/self/fd")) + count + 64 if os.path.isdir("/proc/self/fd") else count + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
 def map_populated(fd: int, offset: int, length: int) -> mmap.mmap:
     """A private, writable (copy-on-write) mapping of ``length`` file bytes at ``offset``, pages mapped in.
 
@@ -348,17 +373,21 @@ def map_populated(fd: int, offset: int, length: int) -> mmap.mmap:
     exactly the range: pages outside it are never mapped, even where the page cache holds them as
     one large folio.
     """
+    truncated = (f"bytes {offset}..{offset + length} of a checkpoint file are past its end: was it truncated "
+                 "or overwritten while loading?")
     try:
         mm = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-    except (OSError, ValueError) as exc:  # ValueError: the file is shorter than the range
-        raise ShardwiseError(f"cannot map bytes {offset}..{offset + length} of a checkpoint file ({exc}); "
-                             "was it truncated or replaced while loading?") from None
+    except ValueError:  # the file is shorter than the range
+        raise ShardwiseError(truncated) from None
+    except OSError as exc:
+        raise MapUnavailable(str(exc)) from None
     try:
         mm.madvise(_MADV_POPULATE_READ)
     except OSError as exc:
         mm.close()
-        raise ShardwiseError(f"cannot map bytes {offset}..{offset + length} of a checkpoint file ({exc}); "
-                             "was it truncated or replaced while loading?") from None
+        if exc.errno == errno.EFAULT:  # populating would have raised SIGBUS: pages past the end of the file
+            raise ShardwiseError(truncated) from None
+        raise MapUnavailable(str(exc)) from None
     return mm
 
 

@@ -6,8 +6,9 @@ source files, the plan, the mesh, the dtype and the conversions (head assignment
 tensor shapes). A *key* hashed from all of that is stored in every rank file's safetensors metadata.
 
 Safety comes from three rules:
-* a rank file is written under a temporary name, fsynced and renamed: a file with the final name is
-  always complete, and an interrupted run leaves nothing a later run accepts;
+* a rank file is written under a temporary name and renamed when complete (fsynced first with
+  ``durable``): a file with the final name is always complete, and an interrupted run leaves
+  nothing a later run accepts;
 * a rank file is valid only if its header parses, its size matches the header, and its key matches
   the manifest: re-running ``preshard`` skips valid files and redoes the rest (resumable);
 * loading recomputes the key from the source (when it is at hand) and refuses, naming what changed.
@@ -18,6 +19,7 @@ alone: the manifest carries everything the layout needs (config, plan, source sh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,6 +44,7 @@ from .checkpoint import (
     DTYPES,
     Arena,
     CheckpointSource,
+    MapUnavailable,
     SliceReader,
     _bytes_of,
     _pread_exact,
@@ -300,8 +303,8 @@ def _write_rank_files(jobs: list[tuple[int, Path]], reader: SliceReader, layout:
         def finish(rf: _RankFile) -> None:
             if durable:
                 os.fsync(rf.fd)
-            os.close(rf.fd)
-            rf.fd = -1
+            fd, rf.fd = rf.fd, -1  # closed once, even if close reports an error (e.g. a full disk over NFS)
+            os.close(fd)
             rf.tmp.replace(rf.path)
 
         failed = threading.Event()
@@ -315,15 +318,15 @@ def _write_rank_files(jobs: list[tuple[int, Path]], reader: SliceReader, layout:
                 rf, name = item
                 try:
                     _write_tensor(rf, name, reader, layout, dtype)
+                    with lock:
+                        left[rf.rank] -= 1
+                        writers[rf.rank] -= 1
+                        last = left[rf.rank] == 0
+                    if last:
+                        finish(rf)
                 except BaseException:
                     failed.set()  # the other threads stop at their next piece
                     raise
-                with lock:
-                    left[rf.rank] -= 1
-                    writers[rf.rank] -= 1
-                    last = left[rf.rank] == 0
-                if last:
-                    finish(rf)
                 bar.update(1)
 
         try:
@@ -332,14 +335,22 @@ def _write_rank_files(jobs: list[tuple[int, Path]], reader: SliceReader, layout:
                     finish(rf)
             workers = max(1, min(threads, n_pieces))
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                for fut in [pool.submit(work) for _ in range(workers)]:
-                    fut.result()
+                futures = [pool.submit(work) for _ in range(workers)]
+                try:
+                    for fut in futures:
+                        fut.result()
+                except BaseException:  # a failure, or Ctrl-C in this thread: stop the workers too
+                    failed.set()
+                    raise
         finally:
             bar.close()
     finally:
-        for rf in files:
+        for rf in files:  # whatever failed: no descriptor left open, no temporary file left behind
             if rf.fd >= 0:
-                os.close(rf.fd)
+                fd, rf.fd = rf.fd, -1
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with contextlib.suppress(OSError):  # a no-op for files renamed into place
                 rf.tmp.unlink(missing_ok=True)
     return sum(rf.size for rf in files)
 
@@ -361,10 +372,11 @@ def preshard(
     Valid files from an earlier (possibly interrupted) run are kept; missing or invalid ones are
     written. Each node of a multi-node job can pre-shard its own ranks into a shared directory.
 
-    ``threads`` (default: the usable cores) write rank files in parallel; more threads than cores
-    only contend. A killed process never leaves a file that loads (files are renamed into place
-    when complete, and a file whose size or key is off is rejected). ``durable=True`` also fsyncs each file before the
-    rename, for power loss; it costs a full write to disk, often more than the rest of the work.
+    ``threads`` (default: one per rank file, up to the usable cores and at most 8) write rank files
+    in parallel; more threads than cores or files only contend. A killed process never leaves a
+    file that loads (files are renamed into place when complete, and a file whose size or key is off
+    is rejected). ``durable=True`` also fsyncs each file before the rename, for power loss; it costs
+    a full write to disk, often more than the rest of the work.
     """
     start_time = time.perf_counter()
     config = load_config(model_path)
@@ -379,8 +391,9 @@ def preshard(
     compiled = Path(compiled_model_path)
     weights = compiled / WEIGHTS
     weights.mkdir(parents=True, exist_ok=True)
-    for stale in weights.glob(".*.tmp-*"):  # debris of an interrupted run; never valid
-        stale.unlink(missing_ok=True)
+    for rank in ranks:  # debris of an interrupted run of these ranks (never valid; other nodes' are theirs)
+        for stale in weights.glob(f".{rank_file(compiled, rank).name}.tmp-*"):
+            stale.unlink(missing_ok=True)
     for name in SIDE_FILES:
         if (Path(model_path) / name).is_file():
             shutil.copyfile(Path(model_path) / name, compiled / name)
@@ -389,8 +402,9 @@ def preshard(
     reader = SliceReader(source)
     t0 = time.perf_counter()
     try:
-        if threads is None:
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if threads is None:  # a thread per file being written, up to the cores (and 8: each holds a buffer)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = max(1, min(cores, len(written), 8))
         nbytes = _write_rank_files([(r, rank_file(compiled, r)) for r in written], reader, layout, torch_dtype,
                                    manifest["key"], threads or 1, durable, progress)
     finally:
@@ -505,15 +519,18 @@ def _read_rank_file(path: Path, dtype: torch.dtype, start: float) -> tuple[dict[
     end = max((i.end for i in infos.values()), default=begin)
     fd = os.open(path, os.O_RDONLY)
     try:
+        is_mapped = False
         if CAN_MAP and end > begin:
             aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-            mm = map_populated(fd, aligned, end - aligned)
-            data = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin - aligned)
-            is_mapped = True
-        else:
+            try:
+                mm = map_populated(fd, aligned, end - aligned)
+                data = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin - aligned)
+                is_mapped = True
+            except MapUnavailable as exc:
+                log.debug("reading %s instead of mapping it (%s)", path.name, exc)
+        if not is_mapped:
             data = Arena(Arena.size_of((end - begin,), torch.uint8)).take((end - begin,), torch.uint8)
             _pread_exact(fd, _bytes_of(data), begin)
-            is_mapped = False
     finally:
         os.close(fd)
     state, mapped = {}, 0
