@@ -670,6 +670,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-docs", action="store_true", help="write the JSON only")
     ap.add_argument("--from-json", type=Path, help="only re-render docs and chart from a saved results JSON")
     args = ap.parse_args(argv)
+    if not args.no_docs:
+        try:
+            import matplotlib  # noqa: F401  (checked now: the chart is drawn only after minutes of measuring)
+        except ImportError:
+            print("bench/load.py draws its chart with matplotlib: pip install matplotlib (or pass --no-docs)",
+                  file=sys.stderr)
+            return 2
     if args.from_json:
         results = json.loads(args.from_json.read_text())
         modes = [m for m in ("warm", "cold") if m in results["ratios"]]
