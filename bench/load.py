@@ -4,8 +4,9 @@
 
 Builds (once, cached under ``${SHARDWISE_BENCH_DIR:-/tmp/shardwise-bench}``) a random bf16 checkpoint
 with the exact tensor names and shapes of the model in ``--config`` (default: Llama 3.2 1B), then
-measures, with every rank a real process and the files either in the page cache (warm) or evicted
-from it (cold):
+measures, with every rank a real process and the files either in the page cache (warm: evicted and
+read once with plain sequential reads before each measurement, so that every method starts from the
+same page-cache state) or evicted from it (cold):
 
   shard_on_load   shardwise ``load_rank_state`` (reads only the rank's slices)
   presharded      shardwise ``load_presharded_state`` on files written by ``preshard`` (if available)
@@ -199,7 +200,14 @@ def _read_all(files: list[Path], buf: memoryview, chunk: int = 64 * MiB) -> int:
 
 
 def warm(files: list[Path]) -> float:
-    """Bring the files into the page cache; returns the resident fraction afterwards."""
+    """Put the files in the page cache as a plain sequential read leaves them; returns the resident fraction.
+
+    The files are evicted first, so every warm measurement starts from the same state whatever read
+    them last: how pages got into the cache decides their size there (sequential reads bring large
+    folios; faults on a mapping, as a cold mapped load makes, often bring 4 KiB pages), and that
+    changes what mapping them costs (shard-on-load measured 0.12-0.19 s against 0.21-0.30 s warm).
+    """
+    evict(files)
     buf = memoryview(bytearray(64 * MiB))
     for f in files:
         with open(f, "rb", buffering=0) as fh:
@@ -935,7 +943,11 @@ def render_section(results: dict, modes: list[str], chart: Path, docs: Path) -> 
         else:
             lines.append(f"| {LABELS['preshard_write']} | - | {pw['status']}: {pw['error']} | | | | | | |")
     lines.append("")
-    lines.append("Seconds: time inside each rank from a barrier to its state dict (or model) being ready; the slowest "
+    lines.append(
+        "Warm: before each measurement the files are evicted and read once with plain sequential reads, so "
+        "every method starts from the same page-cache state (how pages got into the cache decides their size "
+        "there, and so what mapping them costs). "
+        "Seconds: time inside each rank from a barrier to its state dict (or model) being ready; the slowest "
                  "rank counts. GB/s: bytes the ranks need (their slices) / seconds. Bytes read: shardwise "
                  "`LoadStats.bytes_read`; `load_file` reads whole files; DCP reads its slices; HF n/a. Disk reads: "
                  "`/proc/self/io` `read_bytes` (cold runs; page cache is shared, so a page one rank fetched is free "
