@@ -46,10 +46,9 @@ import torch  # noqa: E402
 DEFAULT_CONFIG = Path("/work/shared/configs/llama-3.2-1b/config.json")
 SECTION = "## Loading (bench/load.py)"
 RANK_METHODS = ["shard_on_load", "presharded", "hf_tp", "naive", "dcp"]
-DIAGNOSIS_METHODS = ["shard_on_load_no_thp", "shard_on_load_hugepages"]  # only when named in --methods
+DIAGNOSIS_METHODS = ["shard_on_load_hugepages"]  # only when named in --methods
 LABELS = {
     "shard_on_load": "shardwise shard-on-load",
-    "shard_on_load_no_thp": "shard-on-load, arena without MADV_HUGEPAGE",
     "shard_on_load_hugepages": "shard-on-load, SHARDWISE_HUGEPAGES=1",
     "presharded": "shardwise pre-sharded load",
     "preshard_write": "shardwise pre-shard write",
@@ -205,7 +204,7 @@ def warm(files: list[Path]) -> float:
     The files are evicted first, so every warm measurement starts from the same state whatever read
     them last: how pages got into the cache decides their size there (sequential reads bring large
     folios; faults on a mapping, as a cold mapped load makes, often bring 4 KiB pages), and that
-    changes what mapping them costs (shard-on-load measured 0.12-0.19 s against 0.21-0.30 s warm).
+    changes what mapping them costs.
     """
     evict(files)
     buf = memoryview(bytearray(64 * MiB))
@@ -358,30 +357,6 @@ def load_shard_on_load(rank: int, world: int, ckpt: Path, compiled: Path, thread
                                      "bytes_fetched": getattr(stats, "bytes_fetched", None)}
 
 
-def load_shard_on_load_no_thp(rank: int, world: int, ckpt: Path, compiled: Path,
-                              threads: int) -> tuple[dict, int, dict]:
-    """Diagnosis only (``--methods shard_on_load_no_thp``): shard-on-load with its arena not advised MADV_HUGEPAGE."""
-    import mmap as _mmap
-
-    import shardwise.loader as loader_mod
-
-    base = getattr(loader_mod, "Arena", None)
-    if base is None:
-        raise RuntimeError("this shardwise has no Arena")
-
-    class NoHugeArena(base):
-        def __init__(self, nbytes: int):
-            self.nbytes = max(nbytes, 1)
-            self._map = _mmap.mmap(-1, self.nbytes, flags=_mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS)
-            self._used = 0
-
-    loader_mod.Arena = NoHugeArena
-    try:
-        return load_shard_on_load(rank, world, ckpt, compiled, threads)
-    finally:
-        loader_mod.Arena = base
-
-
 def load_shard_on_load_hugepages(rank: int, world: int, ckpt: Path, compiled: Path,
                                  threads: int) -> tuple[dict, int, dict]:
     """Diagnosis only (``--methods shard_on_load_hugepages``): shard-on-load with SHARDWISE_HUGEPAGES=1."""
@@ -457,7 +432,6 @@ def load_hf(rank: int, world: int, ckpt: Path, compiled: Path, threads: int) -> 
 # Imported before the timed region, so that no method is charged for importing its library.
 PREIMPORT = {
     "shard_on_load": ["shardwise.checkpoint", "shardwise.engine", "shardwise.loader"],
-    "shard_on_load_no_thp": ["shardwise.checkpoint", "shardwise.engine", "shardwise.loader"],
     "shard_on_load_hugepages": ["shardwise.checkpoint", "shardwise.engine", "shardwise.loader"],
     "presharded": ["shardwise.presharded"],
     "naive": ["safetensors.torch"],
@@ -466,7 +440,7 @@ PREIMPORT = {
     "hf_tp": ["transformers", "transformers.models.llama.modeling_llama"],
 }
 
-LOADERS = {"shard_on_load": load_shard_on_load, "shard_on_load_no_thp": load_shard_on_load_no_thp,
+LOADERS = {"shard_on_load": load_shard_on_load,
            "shard_on_load_hugepages": load_shard_on_load_hugepages,
            "presharded": load_presharded, "naive": load_naive,
            "dcp": load_dcp, "hf_tp": load_hf}

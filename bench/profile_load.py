@@ -7,7 +7,6 @@ shardwise's ``load_rank_state`` and with variants that isolate one cost each, in
 
   shardwise            load_rank_state as shipped (threads 4 and 1)
   by kind              the same reader, column-parallel / row-parallel / replicated tensors timed apart
-  mmap read-only       the same chunked mmap reads without PROT_WRITE (no copy-on-write break by MAP_POPULATE)
   pread [+ arena]      os.preadv straight into the destination (column slices: one call per chunk of rows),
                        row-parallel weights: pread whole row chunks into a reused buffer + strided copy;
                        optionally all outputs carved from one MADV_HUGEPAGE arena
@@ -16,6 +15,8 @@ shardwise's ``load_rank_state`` and with variants that isolate one cost each, in
   readinto limit       readinto of exactly the rank's byte ranges into a pre-touched buffer
 
 Each line: wall s, user s, sys s, minor faults, GB/s of the rank's bytes. Results: bench/results/profile.json.
+(The stored profile.json was measured at commit 0842562, with two more variants, a read-only mapping
+and an arena without MADV_HUGEPAGE, that are what shardwise itself does since.)
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import resource
 import statistics
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,13 +38,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import load as bench  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from shardwise import checkpoint as ckmod  # noqa: E402
-from shardwise.checkpoint import DTYPES, CheckpointSource, SliceReader  # noqa: E402
+from shardwise.checkpoint import CheckpointSource, SliceReader  # noqa: E402
 from shardwise.engine import model_layout  # noqa: E402
-from shardwise.layout import Segment  # noqa: E402
 from shardwise.loader import load_rank_state  # noqa: E402
 
 GB = 1e9
@@ -63,66 +60,6 @@ def timed(fn) -> dict:
 def kind(layout_tensor) -> str:
     d = layout_tensor.split_dims
     return "replicated" if not d else ("column(dim0)" if d == (0,) else "row(dim1)")
-
-
-class ReadOnlyMapReader(SliceReader):
-    """main@5410d4f's chunked reader, but with a read-only mapping (MAP_POPULATE then only maps, no COW copy).
-
-    ``read`` is 5410d4f's: every slice is copied out of mappings of bounded row chunks.
-    """
-
-    def __init__(self, source):
-        super().__init__(source)
-        self.bytes_mapped = 0
-
-    def read(self, source_name, shard, dtype, out=None):
-        info = self.source.tensors[source_name]
-        dims = shard.dims if info.shape else ((Segment(0, 1),),)
-        local_shape = tuple(sum(s.length for s in segs) for segs in dims)
-        if out is None:
-            out = (torch.zeros if shard.has_padding else torch.empty)(local_shape, dtype=dtype)
-        out = out.view(local_shape)
-        shape = info.shape or (1,)
-        rows_per_chunk = max(1, (32 << 20) // max(1, math.prod(shape[1:]) * info.itemsize))
-        trailing = ckmod._block_pairs(dims[1:])
-        pos = 0
-        for seg in dims[0]:
-            if seg.start is not None:
-                for first in range(seg.start, seg.start + seg.length, rows_per_chunk):
-                    last = min(first + rows_per_chunk, seg.start + seg.length)
-                    mm, src = self._map_rows(info, first, last)
-                    rows = slice(pos + first - seg.start, pos + last - seg.start)
-                    for dst_index, src_index in trailing:
-                        out[(rows, *dst_index)].copy_(src[(slice(None), *src_index)])
-                    del src
-                    mm.close()
-            pos += seg.length
-        with self._lock:
-            self.bytes_read += shard.source_numel * info.itemsize
-        return out.view(shard.local_shape)
-
-    def _map_rows(self, info, first, last):
-        shape = info.shape or (1,)
-        row_bytes = math.prod(shape[1:]) * info.itemsize
-        begin, end = info.begin + first * row_bytes, info.begin + last * row_bytes
-        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-        mm = mmap.mmap(self._fd(info.file), end - aligned, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                       prot=mmap.PROT_READ, offset=aligned)
-        arr = np.frombuffer(mm, dtype=np.uint16, count=(end - begin) // 2, offset=begin - aligned)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a read-only array: fine, we only read it
-            view = torch.from_numpy(arr).view(DTYPES[info.dtype])
-        with self._lock:
-            self.bytes_mapped += end - aligned
-        return _Closer(mm), view.view((last - first, *shape[1:]))
-
-
-class _Closer:
-    def __init__(self, mm):
-        self.mm = mm
-
-    def close(self):
-        pass  # numpy keeps the map alive; it is unmapped when the view dies
 
 
 def pread_rank(source: CheckpointSource, layout, rank: int, threads: int, chunk: int = 32 << 20,
@@ -255,7 +192,6 @@ def main() -> int:
     variants = {
         "shardwise threads=4": lambda: load_rank_state(source, layout, args.rank, torch.bfloat16, 4)[0],
         "shardwise threads=1": lambda: load_rank_state(source, layout, args.rank, torch.bfloat16, 1)[0],
-        "mmap read-only threads=4 (main@5410d4f reader, read-only)": None,
         "pread threads=4": lambda: pread_rank(source, layout, args.rank, 4),
         "pread threads=1": lambda: pread_rank(source, layout, args.rank, 1),
         "pread + MADV_HUGEPAGE arena threads=2": lambda: pread_rank(source, layout, args.rank, 2, hugepages=True),
@@ -264,37 +200,6 @@ def main() -> int:
         "readinto limit (rank's ranges incl. whole row-par tensors)": readinto_limit,
     }
 
-    def readonly():
-        orig = ckmod.SliceReader
-        try:
-            import shardwise.loader as loader_mod
-
-            loader_mod.SliceReader = ReadOnlyMapReader
-            return load_rank_state(source, layout, args.rank, torch.bfloat16, 4)[0]
-        finally:
-            loader_mod.SliceReader = orig
-
-    variants["mmap read-only threads=4 (main@5410d4f reader, read-only)"] = readonly
-
-    import shardwise.loader as loader_mod
-
-    if hasattr(loader_mod, "Arena"):  # main's reader carves the shard from one MADV_HUGEPAGE arena
-        base = loader_mod.Arena
-
-        class NoHugeArena(base):
-            def __init__(self, nbytes: int):
-                self.nbytes = max(nbytes, 1)
-                self._map = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                self._used = 0
-
-        def no_thp():
-            loader_mod.Arena = NoHugeArena
-            try:
-                return load_rank_state(source, layout, args.rank, torch.bfloat16, 4)[0]
-            finally:
-                loader_mod.Arena = base
-
-        variants["shardwise, arena without MADV_HUGEPAGE, threads=4"] = no_thp
     modes = [m for m in args.modes.split(",") if m]
     results: dict = {m: {k: [] for k in variants} for m in modes}
     by_kind: dict = {m: [] for m in modes}

@@ -292,7 +292,7 @@ class SliceReader:
 
         Mapping the rows costs page-table entries only (the page cache's pages, large folios mapped
         whole); reading them with ``pread`` instead would copy the other ranks' columns too
-        (measured 20-30% slower for a 1B model at TP 2).
+        (slower for a 1B model at TP 2 in a one-off A/B).
         """
         shape = info.shape or (1,)
         rows_per_chunk = max(1, self.CHUNK_BYTES // max(1, math.prod(shape[1:]) * info.itemsize))

@@ -285,8 +285,7 @@ def _write_rank_files(jobs: list[tuple[int, Path]], reader: SliceReader, layout:
             files.append(_open_rank_file(path, layout, rank, dtype, key))
         pending = {rf.rank: sorted(rf.offsets, key=lambda n: rf.offsets[n][0] - rf.offsets[n][1]) for rf in files}
         n_pieces = sum(map(len, pending.values()))
-        left = {rf.rank: len(rf.offsets) for rf in files}
-        writers = dict.fromkeys(left, 0)
+        writers = dict.fromkeys(pending, 0)
         lock = threading.Lock()
 
         def next_piece() -> tuple[_RankFile, str] | None:
@@ -319,9 +318,8 @@ def _write_rank_files(jobs: list[tuple[int, Path]], reader: SliceReader, layout:
                 try:
                     _write_tensor(rf, name, reader, layout, dtype)
                     with lock:
-                        left[rf.rank] -= 1
                         writers[rf.rank] -= 1
-                        last = left[rf.rank] == 0
+                        last = not pending[rf.rank] and writers[rf.rank] == 0
                     if last:
                         finish(rf)
                 except BaseException:
