@@ -1,0 +1,60 @@
+"""bench/load.py derives floors (lower bounds) from what it measured; check the arithmetic it reports."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("bench_load", Path(__file__).parent.parent / "bench" / "load.py")
+bench_load = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_load)
+GB = bench_load.GB
+
+
+def _results(sol_s: float = 0.25, hf_s: float = 0.5, write_s: float = 1.0) -> dict:
+    ok = {"status": "ok"}
+    return {
+        "machine": {"page_cache_fresh_gbps": 2.0, "page_cache_gbps": 10.0},
+        "needed_bytes": {"node": 4 * GB},
+        "methods": {
+            "shard_on_load": {"warm": {**ok, "seconds": sol_s, "bytes_held_per_rank": [2 * GB, 2 * GB],
+                                       "bytes_mapped_per_rank": [1.5 * GB, 1.5 * GB]}},
+            "hf_tp": {"warm": {**ok, "seconds": hf_s}},
+            "preshard_write": {**ok, "seconds": write_s, "runs": [{"bytes_written": 4 * GB}]},
+        },
+    }
+
+
+def test_floors_follow_copied_and_written_bytes():
+    floors = bench_load.machine_floors(_results())
+    # 1 GB copied by the node at 2 GB/s of fresh memory: 0.5 s, however fast the loader is.
+    assert floors["shard_on_load copied bytes (node)"] == pytest.approx(1 * GB)
+    assert floors["shard_on_load floor s (copied bytes / fresh-memory GB/s)"] == pytest.approx(0.5)
+    assert floors["shard_on_load_s / its floor"] == pytest.approx(0.5)
+    # 4 GB needed in 0.5 s = 8 GB/s against 10 GB/s of page cache.
+    assert floors["best reachable: shard_on_load GB/s / page-cache GB/s"] == pytest.approx(0.8)
+    assert floors["best reachable: hf_tp_s / shard_on_load_s"] == pytest.approx(1.0)
+    assert floors["preshard_write floor s (bytes written / fresh-memory GB/s)"] == pytest.approx(2.0)
+    # With both at their floors the end-to-end ratio no longer depends on the rate.
+    key = "at least, with both at their floors: (preshard_write_s + presharded_s) / shard_on_load_s"
+    assert floors[key] == pytest.approx(4.0)
+
+
+def test_floors_skip_what_was_not_measured():
+    res = _results()
+    del res["methods"]["preshard_write"]
+    res["methods"]["shard_on_load"]["warm"].pop("bytes_mapped_per_rank")  # results from before it was recorded
+    assert bench_load.machine_floors(res) == {}
+
+
+def test_targets_quote_the_reachable_ratio():
+    res = _results()
+    _, targets = bench_load.ratios_and_targets(
+        {**res, "methods": {**res["methods"], "shard_on_load": {"warm": {
+            **res["methods"]["shard_on_load"]["warm"], "gbps": 16.0, "bytes_logical_per_rank": [2 * GB, 2 * GB],
+            "peak_rss_per_rank": [1 * GB, 1 * GB]}}}, "needed_bytes": {"node": 4 * GB},
+         "machine": {**res["machine"], "cold_disk_gbps": 1.0}}, ["warm"])
+    by_name = {t["target"]: t for t in targets}
+    page_cache = by_name["warm shard-on-load >= 80% of page-cache bandwidth"]
+    assert page_cache["met"] and "best reachable here (floors below): 0.80" in page_cache["how"]
+    assert "best reachable here (floors below): 1.00" in by_name["warm shard-on-load >= 3x HF transformers"]["how"]
