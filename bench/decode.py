@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 SECTION = "## Decode (bench/decode.py)"
 PROMPT = "Write a long, detailed essay about the history of the Roman Empire."
 SMOLLM2 = Path(os.environ.get("SHARDWISE_CACHE", Path.home() / ".cache" / "shardwise")) / "SmolLM2-135M-Instruct"
-CONFIG_1B = Path("/work/shared/configs/llama-3.2-1b/config.json")
+CONFIG_1B = ROOT / "examples" / "configs" / "llama-3.2-1b" / "config.json"
 
 
 # ---------------------------------------------------------------------------------------------------

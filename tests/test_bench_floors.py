@@ -32,11 +32,11 @@ def test_floors_follow_copied_and_written_bytes():
     assert floors["shard_on_load floor s (copied bytes / fresh-memory GB/s)"] == pytest.approx(0.5)
     assert floors["shard_on_load_s / its floor"] == pytest.approx(0.5)
     # 4 GB needed in 0.5 s = 8 GB/s against 10 GB/s of page cache.
-    assert floors["best reachable: shard_on_load GB/s / page-cache GB/s"] == pytest.approx(0.8)
-    assert floors["best reachable: hf_tp_s / shard_on_load_s"] == pytest.approx(1.0)
+    assert floors["allowed by the floor estimate: shard_on_load GB/s / page-cache GB/s"] == pytest.approx(0.8)
+    assert floors["allowed by the floor estimate: hf_tp_s / shard_on_load_s"] == pytest.approx(1.0)
     assert floors["preshard_write floor s (bytes written / fresh-memory GB/s)"] == pytest.approx(2.0)
     # With both at their floors the end-to-end ratio no longer depends on the rate.
-    key = "at least, with both at their floors: (preshard_write_s + presharded_s) / shard_on_load_s"
+    key = "with both at their floor estimates: (preshard_write_s + presharded_s) / shard_on_load_s"
     assert floors[key] == pytest.approx(4.0)
 
 
@@ -56,5 +56,6 @@ def test_targets_quote_the_reachable_ratio():
          "machine": {**res["machine"], "cold_disk_gbps": 1.0}}, ["warm"])
     by_name = {t["target"]: t for t in targets}
     page_cache = by_name["warm shard-on-load >= 80% of page-cache bandwidth"]
-    assert page_cache["met"] and "best reachable here (floors below): 0.80" in page_cache["how"]
-    assert "best reachable here (floors below): 1.00" in by_name["warm shard-on-load >= 3x HF transformers"]["how"]
+    assert page_cache["met"] and "allowed by the floor estimate (floors below): 0.80" in page_cache["how"]
+    hf = by_name["warm shard-on-load >= 3x HF transformers"]
+    assert "allowed by the floor estimate (floors below): 1.00" in hf["how"]

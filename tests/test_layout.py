@@ -89,18 +89,22 @@ def test_layout_of_smollm2_at_tp2():
     assert layout.gather_index("lm_head.weight", 0) is None
 
 
-def test_layout_needs_no_weights_for_405b():
-    import json
-    from pathlib import Path
+# Llama-3.1-405B's shapes (from examples/configs/llama-3.1-405b/config.json).
+LLAMA_405B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16384,
+              "intermediate_size": 53248, "num_attention_heads": 128, "num_key_value_heads": 8,
+              "num_hidden_layers": 126, "vocab_size": 128256, "tie_word_embeddings": False,
+              "rms_norm_eps": 1e-05, "max_position_embeddings": 131072, "rope_theta": 500000.0}
 
-    path = Path(__file__).resolve().parents[2] / "shared" / "configs" / "llama-3.1-405b" / "config.json"
-    if not path.is_file():
-        pytest.skip("shared configs not present")
-    cfg = config_from_dict(json.loads(path.read_text()))
-    cfg = config_from_dict({**cfg.raw, "num_hidden_layers": 2})  # two layers suffice for the shapes
+
+def test_layout_needs_no_weights_for_405b():
+    cfg = config_from_dict({**LLAMA_405B, "num_hidden_layers": 2})  # two layers suffice for the shapes
     layout = compute_layout(_tensors(cfg), cfg, builtin_plan("llama"), Mesh.tensor_parallel(64))
     k = layout.tensors["model.layers.1.self_attn.k_proj.weight"]
     assert all(s.local_shape == (128, 16384) for s in k.shards)  # one (replicated) KV head per rank
+    q = layout.tensors["model.layers.1.self_attn.q_proj.weight"]
+    assert all(s.local_shape == (2 * 128, 16384) for s in q.shards)  # 128 heads / 64 ranks
+    embed = layout.tensors["model.embed_tokens.weight"]
+    assert all(s.local_shape == (128256 // 64, 16384) for s in embed.shards)  # vocabulary rows split evenly
 
 
 def test_plan_rule_that_matches_nothing_is_an_error():

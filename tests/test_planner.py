@@ -16,7 +16,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.loader import load_rank_state
 from shardwise.planner import Collective, plan_model, state_dict_shapes
 
-CONFIGS = Path("/work/shared/configs")
+CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
 
 
 def test_state_dict_shapes_match_a_real_checkpoint(tiny_checkpoint, tiny_config):
