@@ -34,10 +34,19 @@ def test_floors_follow_copied_and_written_bytes():
     # 4 GB needed in 0.5 s = 8 GB/s against 10 GB/s of page cache.
     assert floors["allowed by the floor estimate: shard_on_load GB/s / page-cache GB/s"] == pytest.approx(0.8)
     assert floors["allowed by the floor estimate: hf_tp_s / shard_on_load_s"] == pytest.approx(1.0)
-    assert floors["preshard_write floor s (bytes written / fresh-memory GB/s)"] == pytest.approx(2.0)
-    # With both at their floors the end-to-end ratio no longer depends on the rate.
-    key = "with both at their floor estimates: (preshard_write_s + presharded_s) / shard_on_load_s"
+    assert floors["preshard_write estimate s (bytes written / fresh-memory GB/s)"] == pytest.approx(2.0)
+    assert floors["preshard_write_s / its estimate"] == pytest.approx(0.5)
+    assert floors["write estimate / shard_on_load_s"] == pytest.approx(8.0)
+    # With both at their estimates the end-to-end ratio no longer depends on the rate.
+    key = "with both at their estimates: (preshard_write_s + presharded_s) / shard_on_load_s"
     assert floors[key] == pytest.approx(4.0)
+
+
+def test_nothing_copied_gives_no_load_floor():
+    res = _results()
+    res["methods"]["shard_on_load"]["warm"]["bytes_mapped_per_rank"] = [2 * GB, 2 * GB]  # all mapped
+    floors = bench_load.machine_floors(res)
+    assert not any(k.startswith("shard_on_load") for k in floors) and "write estimate / shard_on_load_s" in floors
 
 
 def test_floors_skip_what_was_not_measured():
@@ -59,3 +68,23 @@ def test_targets_quote_the_reachable_ratio():
     assert page_cache["met"] and "allowed by the floor estimate (floors below): 0.80" in page_cache["how"]
     hf = by_name["warm shard-on-load >= 3x HF transformers"]
     assert "allowed by the floor estimate (floors below): 1.00" in hf["how"]
+    e2e = by_name["pre-shard end to end (write + load) <= 2x shard-on-load (warm)"]
+    assert "would take 8.00x this shard-on-load time (the writer ran at 0.50x that estimate)" in e2e["how"]
+
+
+def test_a_failing_stream_raises_instead_of_hanging():
+    def prepare(i):
+        if i == 1:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="failed while preparing"):
+        bench_load._timed_streams(2, prepare, lambda i, _: 0)
+
+    def work(i, _):
+        if i == 0:
+            raise RuntimeError("boom")
+        return 10
+
+    with pytest.raises(RuntimeError, match="failed while measuring"):
+        bench_load._timed_streams(2, lambda i: None, work)
+    assert bench_load._timed_streams(2, lambda i: None, lambda i, _: 5)[1] == 10

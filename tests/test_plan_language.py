@@ -188,6 +188,7 @@ def test_set_overrides_replace_or_add_rules(tiny_config, tiny_shapes):
     assert layout.tensors["lm_head.weight"].replicated
     assert layout.tensors["model.layers.1.mlp.up_proj.weight"].spec == ("tensor", None)
     for bad, msg in [("lm_head.weight", "expected NAME=\\[spec\\]"), ("x=[tensor", "not valid YAML"),
+                     ("x=[\x07]", "not valid YAML"),  # a reader error: no .problem to quote
                      ("=[tensor]", "name before '=' is empty"), ("x=tensor", "a partition spec is a list")]:
         with pytest.raises(ShardwiseError, match=msg):
             resolve_plan("llama", None, [bad])

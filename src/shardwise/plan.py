@@ -37,7 +37,7 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _yaml_load(text: str):
-    return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
+    return yaml.load(text, Loader=_YAML_LOADER)
 
 AxisEntry = str | tuple[str, ...] | None
 Spec = tuple[AxisEntry, ...]
@@ -205,7 +205,8 @@ class Plan:
             try:
                 parsed = _yaml_load(value)
             except yaml.YAMLError as exc:
-                raise ShardwiseError(f"--set {text!r}: the spec is not valid YAML ({exc.problem})") from None
+                why = getattr(exc, "problem", None) or exc  # a ReaderError (e.g. a control character) has no .problem
+                raise ShardwiseError(f"--set {text!r}: the spec is not valid YAML ({why})") from None
             name = name.strip()
             if not name:
                 raise ShardwiseError(f"--set {text!r}: the name before '=' is empty")
