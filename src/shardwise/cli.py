@@ -8,6 +8,7 @@ import os
 import sys
 
 from .errors import ShardwiseError
+from .untrusted import one_line
 
 DESCRIPTION = """Tensor-parallel inference from Hugging Face checkpoints.
 
@@ -28,7 +29,7 @@ def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardwise", description=DESCRIPTION, formatter_class=_Formatter)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (also SHARDWISE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="load a checkpoint sharded over ranks and generate", formatter_class=_Formatter,
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(conv, "--torch-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
          help="dtype of the written tensors")
     conv.add_argument("--force", action="store_true", help="convert again even if a finished conversion exists")
+    for command in (run, shard, plan, conv):  # `shardwise run ... --debug` works as well as `shardwise --debug run`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks for errors (also SHARDWISE_DEBUG=1)")
     return parser
 
 
@@ -219,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s shardwise: %(message)s")
     debug = args.debug or os.environ.get("SHARDWISE_DEBUG") == "1"
+    if debug:
+        os.environ["SHARDWISE_DEBUG"] = "1"  # ranks inherit it and keep their tracebacks for the report
     try:
         if args.command in (None, "run"):
             if args.command is None:
@@ -233,11 +239,18 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"shardwise: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("shardwise: interrupted", file=sys.stderr)
         return 130
-
+    except Exception as exc:  # a bug of ours, not bad input: one line by default, the traceback on request
+        if debug:
+            raise
+        print(f"shardwise: internal error: {type(exc).__name__}: {one_line(exc)} "
+              "(a bug in shardwise; --debug shows the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        logging.shutdown()
 
 if __name__ == "__main__":
     sys.exit(main())

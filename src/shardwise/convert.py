@@ -50,9 +50,10 @@ def _fingerprint(path: Path) -> dict:
 def is_converted(out_dir: Path, gguf: Path) -> bool:
     marker = out_dir / MARKER
     try:
-        return json.loads(marker.read_text()).get("source") == _fingerprint(gguf)
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError, RecursionError):  # unreadable or not JSON: not a finished conversion
         return False
+    return isinstance(data, dict) and data.get("source") == _fingerprint(gguf)
 
 
 def convert_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "float32", force: bool = False) -> Path:

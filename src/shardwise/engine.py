@@ -19,6 +19,7 @@ from torch import nn
 
 from .checkpoint import CheckpointSource
 from .config import ModelConfig, load_config
+from .conformance import conform
 from .errors import ShardwiseError
 from .layout import Layout, compute_layout
 from .loader import LoadStats, load_rank_state
@@ -57,7 +58,8 @@ def model_layout(model_path: str | Path, tp_degree: int | None = None, plan: Pla
     plan = plan or resolve_plan(config.family)
     mesh = mesh or plan.mesh(tp_degree)
     check_mesh(config, mesh)
-    return compute_layout(source.shapes(), config, plan, mesh)
+    files = {n: t.file.name for n, t in source.tensors.items()}
+    return compute_layout(conform(source.shapes(), config, str(source.path), files), config, plan, mesh)
 
 
 def check_tp_degree(config: ModelConfig, tp_degree: int) -> None:
@@ -165,7 +167,8 @@ def load_sharded(
         if weights == "presharded":
             raise ShardwiseError("pre-sharded checkpoints hold tensor-parallel meshes only; shard this plan on load")
         # FSDP x TP: modules take their tensor-parallel shapes; pieces stored split are gathered on use.
-        tp_layout = compute_layout(source.shapes(), config, plan.without_axes(storage), mesh)
+        stored = {n: (t.shape, t.dtype) for n, t in layout.tensors.items() if t.source == n}
+        tp_layout = compute_layout(stored, config, plan.without_axes(storage), mesh)
         groups = axis_groups(mesh, comm.rank)
         tp_comm = Collectives(groups.tensor)
         parallelize(model, tp_layout, comm.rank, tp_comm)

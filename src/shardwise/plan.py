@@ -26,18 +26,9 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from .errors import ShardwiseError
 from .mesh import Mesh
-
-# libyaml's parser where PyYAML was built with it: the pure-Python one takes ~10 ms for the built-in
-# plan, and every rank parses it on its load path.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _yaml_load(text: str):
-    return yaml.load(text, Loader=_YAML_LOADER)
+from .untrusted import parse_yaml, read_text
 
 AxisEntry = str | tuple[str, ...] | None
 Spec = tuple[AxisEntry, ...]
@@ -202,11 +193,7 @@ class Plan:
             if "=" not in text:
                 raise ShardwiseError(f"--set {text!r}: expected NAME=[spec], e.g. 'lm_head.weight=[tensor,null]'")
             name, value = text.split("=", 1)
-            try:
-                parsed = _yaml_load(value)
-            except yaml.YAMLError as exc:
-                why = getattr(exc, "problem", None) or exc  # a ReaderError (e.g. a control character) has no .problem
-                raise ShardwiseError(f"--set {text!r}: the spec is not valid YAML ({why})") from None
+            parsed = parse_yaml(value, f"--set {text!r}", "the spec")
             name = name.strip()
             if not name:
                 raise ShardwiseError(f"--set {text!r}: the name before '=' is empty")
@@ -325,19 +312,16 @@ def _table(value: object, source: str, key: str, allowed: tuple[str, ...]):
 
 def load_plan(path: str | Path) -> Plan:
     path = Path(path)
-    if not path.is_file():
-        raise ShardwiseError(f"sharding config {str(path)!r} does not exist")
-    try:
-        data = _yaml_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ShardwiseError(f"{path}: not valid YAML ({exc})") from None
-    return _parse(data, str(path))
+    if path.is_dir():
+        raise ShardwiseError(f"sharding config {str(path)!r} is a directory, not a YAML file")
+    return _parse(parse_yaml(read_text(path, "sharding config"), str(path), "the sharding config"), str(path))
 
 
 def builtin_plan(family: str) -> Plan:
     """The plan shipped for a model family (``plans/<family>.yaml`` inside the package)."""
     text = resources.files("shardwise.plans").joinpath(f"{family}.yaml").read_text()
-    return _parse(_yaml_load(text), f"built-in plan {family}.yaml", required=False)
+    return _parse(parse_yaml(text, f"built-in plan {family}.yaml", "the plan"), f"built-in plan {family}.yaml",
+                  required=False)
 
 
 def resolve_plan(family: str, sharding_config: str | Path | None = None, overrides: list[str] | None = None,

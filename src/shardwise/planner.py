@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import ModelConfig, load_config
+from .conformance import state_dict_shapes
 from .errors import ShardwiseError
 from .layout import Layout, compute_layout
 from .mesh import Mesh
@@ -37,39 +38,6 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
 GIB = 1024 ** 3
 
 
-
-
-def state_dict_shapes(config: ModelConfig, dtype: str = "BF16") -> dict[str, tuple[tuple[int, ...], str]]:
-    """The Llama-family checkpoint tensors (HF names) and shapes implied by a config, no file needed.
-
-    With tied embeddings there is no ``lm_head.weight`` (the layout adds it as a view of the embedding).
-    """
-    h, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
-    q, kv = config.num_heads * hd, config.num_kv_heads * hd
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (q, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        if config.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
-        if config.o_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-        shapes[p + "mlp.up_proj.weight"] = (inter, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, inter)
-        if config.mlp_bias:
-            shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
-                           p + "mlp.down_proj.bias": (h,)})
-    shapes["model.norm.weight"] = (h,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    return {name: (shape, dtype) for name, shape in shapes.items()}
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,8 @@ def validate(opts: RunOptions):
         raise ShardwiseError("--batch-size and --max-new-tokens must be at least 1")
     if not opts.prompts:
         raise ShardwiseError("no prompt given")
+    if opts.benchmark and Path(opts.output_dir).exists() and not Path(opts.output_dir).is_dir():
+        raise ShardwiseError(f"--output-dir {opts.output_dir!r} exists and is not a directory")
     if opts.skip_sharding:
         from .presharded import require_usable
 

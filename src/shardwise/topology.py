@@ -19,12 +19,12 @@ link figures for collective traffic.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ShardwiseError
+from .untrusted import read_json
 
 CONNECTION_TYPES = ("p2p",)
 P2P, HOST = "p2p", "host"
@@ -164,14 +164,7 @@ def parse_partition_config(data: object, source: str = "<inline>") -> PartitionC
 
 
 def load_partition_config(path: str | Path) -> PartitionConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ShardwiseError(f"partition config {str(path)!r} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ShardwiseError(f"{path}: not valid JSON ({exc})") from None
-    return parse_partition_config(data, str(path))
+    return parse_partition_config(read_json(path, "partition config", object), str(path))
 
 
 def machine_cores() -> int:

@@ -8,12 +8,15 @@ names the rank that failed first (not a peer that merely lost its connection to 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -62,6 +65,7 @@ def _rank_entry(local_rank: int, fn: Worker, world: int, start_rank: int, init_m
                 threads: Sequence[int], args: tuple, error_dir: str) -> None:
     rank = start_rank + local_rank
     torch.set_num_threads(threads[local_rank])
+    _thread_lock_for_progress_bars()
     try:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=COLLECTIVE_TIMEOUT)
@@ -70,12 +74,30 @@ def _rank_entry(local_rank: int, fn: Worker, world: int, start_rank: int, init_m
         finally:
             dist.destroy_process_group()
     except BaseException as exc:
-        text = str(exc) if isinstance(exc, ShardwiseError) else f"{type(exc).__name__}: {exc}"
+        internal = not isinstance(exc, (ShardwiseError, KeyboardInterrupt))
+        text = f"internal error: {type(exc).__name__}: {exc}" if internal else str(exc)
         first_line = (text.strip().splitlines() or [type(exc).__name__])[0]
+        detail = traceback.format_exc() if os.environ.get("SHARDWISE_DEBUG") == "1" else ""
         tmp = Path(error_dir) / f".rank{local_rank}"
-        tmp.write_text(f"{time.monotonic()}\n{first_line}")
+        tmp.write_text(json.dumps({"time": time.monotonic(), "line": first_line, "internal": internal,
+                                   "traceback": detail}))
         tmp.rename(Path(error_dir) / f"rank{local_rank}")  # whole or absent, even if we are killed now
         raise
+
+
+def _thread_lock_for_progress_bars() -> None:
+    """Give tqdm a thread lock instead of the multiprocessing lock it creates on first use.
+
+    That lock is a named semaphore registered with multiprocessing's resource tracker; a rank killed
+    while holding it registered (SIGKILL, or SIGTERM when a peer failed) leaves the tracker to print
+    "leaked semaphore objects" as the last line of a failed run. A rank's bars are its own, so a
+    thread lock is all they need.
+    """
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo", start_rank: int = 0,
@@ -129,32 +151,44 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo",
         except ProcessException as exc:  # join() has already terminated the surviving ranks
             for proc in context.processes:
                 proc.join(10)
-            raise ShardwiseError(_root_cause(exc, Path(error_dir), context.processes, start_rank)) from None
+            message, exit_code, detail = _root_cause(exc, Path(error_dir), context.processes, start_rank)
+            if detail:  # SHARDWISE_DEBUG: the failing rank's own traceback, above the one-line report
+                print(detail, file=sys.stderr, end="")
+            raise ShardwiseError(message, exit_code) from None
 
 
-def _root_cause(exc: ProcessException, error_dir: Path, processes, start_rank: int = 0) -> str:
-    """The first real failure: a rank's own error, else a rank that died, else whatever was seen first."""
+def _root_cause(exc: ProcessException, error_dir: Path, processes, start_rank: int = 0) -> tuple[str, int, str]:
+    """The first real failure, as (one line, CLI exit code, the rank's traceback if kept): a rank's own
+    error, else a rank that died, else whatever was seen first.
+
+    Exit codes: 2 when a rank refused bad input, 1 for a bug inside a rank or a rank that died.
+    """
     errors = {}
     for f in error_dir.glob("rank*"):
-        stamp, _, text = f.read_text().partition("\n")
         try:
-            errors[int(f.name[4:])] = (float(stamp), text)
-        except ValueError:
+            report = json.loads(f.read_text())
+            errors[int(f.name[4:])] = (float(report["time"]), str(report["line"]), bool(report["internal"]),
+                                       str(report.get("traceback", "")))
+        except (ValueError, KeyError, TypeError, OSError):
             continue
+
+    def failed(rank: int) -> tuple[str, int, str]:
+        _, line, internal, detail = errors[rank]
+        hint = " (a bug in shardwise; --debug shows the traceback)" if internal and not detail else ""
+        return f"rank {start_rank + rank} failed: {line}{hint}", 1 if internal else 2, detail
+
     # Files and processes are indexed by local rank; messages name global ranks.
-    own = {r: e for r, e in errors.items() if not any(s in e[1] for s in _PEER_LOSS)}
+    own = [r for r, e in errors.items() if not any(s in e[1] for s in _PEER_LOSS)]
     if own:
-        rank = min(own, key=lambda r: own[r][0])
-        return f"rank {start_rank + rank} failed: {own[rank][1]}"
+        return failed(min(own, key=lambda r: errors[r][0]))
     for rank, proc in enumerate(processes):
         code = proc.exitcode
         if rank not in errors and code not in (0, None, -signal.SIGTERM):
             how = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
-            return f"rank {start_rank + rank} died ({how}); the other ranks were stopped"
+            return f"rank {start_rank + rank} died ({how}); the other ranks were stopped", 1, ""
     if errors:
-        rank = min(errors, key=lambda r: errors[r][0])
-        return f"rank {start_rank + rank} failed: {errors[rank][1]}"
-    return f"rank {start_rank + exc.error_index} failed"
+        return failed(min(errors, key=lambda r: errors[r][0]))
+    return f"rank {start_rank + exc.error_index} failed", 1, ""
 
 
 def _signal_name(number: int) -> str:
