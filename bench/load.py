@@ -382,7 +382,7 @@ def split_dim(name: str) -> int | None:
 
 def load_shard_on_load(rank: int, world: int, ckpt: Path, compiled: Path, threads: int) -> tuple[dict, int, dict]:
     from shardwise.checkpoint import CheckpointSource
-    from shardwise.engine import model_layout
+    from shardwise.conformance import model_layout
     from shardwise.loader import load_rank_state
 
     source = CheckpointSource(ckpt)
@@ -466,8 +466,8 @@ def load_hf(rank: int, world: int, ckpt: Path, compiled: Path, threads: int) -> 
 
 # Imported before the timed region, so that no method is charged for importing its library.
 PREIMPORT = {
-    "shard_on_load": ["shardwise.checkpoint", "shardwise.engine", "shardwise.loader"],
-    "shard_on_load_hugepages": ["shardwise.checkpoint", "shardwise.engine", "shardwise.loader"],
+    "shard_on_load": ["shardwise.checkpoint", "shardwise.sharded_model", "shardwise.loader"],
+    "shard_on_load_hugepages": ["shardwise.checkpoint", "shardwise.sharded_model", "shardwise.loader"],
     "presharded": ["shardwise.presharded"],
     "naive": ["safetensors.torch"],
     "dcp": ["torch.distributed.checkpoint", "torch.distributed.device_mesh", "torch.distributed.tensor",
@@ -630,7 +630,7 @@ def measure_preshard(ckpt: Path, compiled: Path, world: int) -> dict:
 def needed_bytes(ckpt: Path, world: int) -> dict:
     """Source bytes each rank must read (its slices, padding excluded), from shardwise's layout."""
     from shardwise.checkpoint import CheckpointSource
-    from shardwise.engine import model_layout
+    from shardwise.conformance import model_layout
 
     source = CheckpointSource(ckpt)
     layout = model_layout(ckpt, world, source=source)

@@ -41,7 +41,7 @@ import load as bench  # noqa: E402
 import torch  # noqa: E402
 
 from shardwise.checkpoint import CheckpointSource, SliceReader  # noqa: E402
-from shardwise.engine import model_layout  # noqa: E402
+from shardwise.conformance import model_layout  # noqa: E402
 from shardwise.loader import load_rank_state  # noqa: E402
 
 GB = 1e9

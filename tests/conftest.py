@@ -72,7 +72,7 @@ def smollm2() -> Path:
     return bundled_model_dir()
 
 
-# Fixtures for plan, planner and topology tests: one tiny Llama, its config alone, and a tokenizer.
+# Fixtures for plan, capacity and topology tests: one tiny Llama, its config alone, and a tokenizer.
 TINY = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=101, hidden_size=72, intermediate_size=96,
     num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True,
@@ -95,7 +95,7 @@ def tiny_config():
 
 @pytest.fixture
 def tiny_shapes(tiny_config):
-    from shardwise.planner import state_dict_shapes
+    from shardwise.families import state_dict_shapes
 
     return state_dict_shapes(tiny_config, "F32")
 

@@ -96,15 +96,15 @@ def test_runtime_refuses_mixed_dimensions(tmp_path, tiny_config, tiny_shapes):
 
 
 def _rank_logits(rank, world, model_path, plan_path, out_dir):
-    from shardwise.engine import load_sharded
     from shardwise.generation import generate
     from shardwise.plan import resolve_plan
+    from shardwise.sharded_model import load_sharded
 
     plan = resolve_plan("llama", plan_path) if plan_path else None
     sharded = load_sharded(model_path, "float32", plan)
-    gen = generate(sharded.model, [[5, 6, 7, 8, 9], [10, 11]], 6, 0, (), comm=sharded.comm, keep_logits=True)
+    gen = generate(sharded.module, [[5, 6, 7, 8, 9], [10, 11]], 6, 0, (), comm=sharded.comm, keep_logits=True)
     # Every weight as the modules see it (a stored-split one is gathered on this access).
-    weights = {n: m.weight.detach().clone() for n, m in sharded.model.named_modules()
+    weights = {n: m.weight.detach().clone() for n, m in sharded.module.named_modules()
                if isinstance(getattr(m, "weight", None), torch.Tensor)}
     if rank == 0:
         torch.save({"tokens": gen.tokens, "logits": gen.step_logits, "held": sharded.stats.bytes_held,

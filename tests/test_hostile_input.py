@@ -16,8 +16,9 @@ import pytest
 from test_cli import assert_one_line_error, shardwise
 
 from shardwise.config import config_from_dict, load_config
-from shardwise.conformance import conform, state_dict_shapes
+from shardwise.conformance import conform
 from shardwise.errors import ShardwiseError
+from shardwise.families import state_dict_shapes
 
 
 def _copy(src, dst):

@@ -288,7 +288,7 @@ def test_splits_the_model_cannot_consume_are_refused(tiny_config, tiny_shapes, r
 
 def test_embedding_hidden_split_is_accepted_when_it_divides(tiny_raw):
     from shardwise.config import config_from_dict
-    from shardwise.planner import state_dict_shapes
+    from shardwise.families import state_dict_shapes
 
     untied = config_from_dict({**tiny_raw, "tie_word_embeddings": False})
     plan = resolve_plan("llama", None, ["model.embed_tokens.weight=[null,tensor]"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from shardwise.checkpoint import CAN_MAP, CheckpointSource, MapUnavailable
-from shardwise.engine import model_layout
+from shardwise.conformance import model_layout
 from shardwise.errors import ShardwiseError
 from shardwise.loader import load_rank_state
 from shardwise.plan import builtin_plan
@@ -242,7 +242,7 @@ def test_ctrl_c_stops_a_preshard_promptly(source, tmp_path):
 RSS_SCRIPT = """
 import resource, sys, torch
 from shardwise.checkpoint import CAN_MAP, CheckpointSource, MapUnavailable
-from shardwise.engine import model_layout
+from shardwise.conformance import model_layout
 from shardwise.loader import load_rank_state
 def rss(field):
     for line in open("/proc/self/status"):

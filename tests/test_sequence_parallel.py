@@ -49,15 +49,15 @@ def test_inconsistent_sequence_rules_are_refused(tiny_config, tiny_shapes, overr
         layout_for(tiny_shapes, tiny_config, 2, overrides, sp)
 
 
-def test_planner_counts_the_sequence_gathers(tiny_raw, tmp_path):
+def test_capacity_estimate_counts_the_sequence_gathers(tiny_raw, tmp_path):
     import json
 
-    from shardwise.planner import plan_model
+    from shardwise.capacity import estimate_capacity
 
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(tiny_raw))
-    plain = plan_model(cfg, tp_degree=3, batch_size=2)
-    sp = plan_model(cfg, tp_degree=3, batch_size=2, sequence_parallel=True)
+    plain = estimate_capacity(cfg, tp_degree=3, batch_size=2)
+    sp = estimate_capacity(cfg, tp_degree=3, batch_size=2, sequence_parallel=True)
     extra = [c for c in sp.collectives if "sequence-parallel" in c.what]
     assert sum(c.count for c in extra) == 2 * 2 + 1  # attention and MLP inputs per layer, and model.norm
     assert all(c.bytes == 2 * 72 * 4 * 3 for c in extra)  # batch x hidden x fp32, one padded token per rank
@@ -65,12 +65,12 @@ def test_planner_counts_the_sequence_gathers(tiny_raw, tmp_path):
 
 
 def _rank_logits(rank, world, model_path, sp, out_dir):
-    from shardwise.engine import load_sharded
     from shardwise.generation import generate
     from shardwise.plan import resolve_plan
+    from shardwise.sharded_model import load_sharded
 
     sharded = load_sharded(model_path, "float32", resolve_plan("llama", sequence_parallel=sp))
-    gen = generate(sharded.model, [[5, 6, 7, 8, 9], [10, 11]], 5, 0, (), comm=sharded.comm, keep_logits=True)
+    gen = generate(sharded.module, [[5, 6, 7, 8, 9], [10, 11]], 5, 0, (), comm=sharded.comm, keep_logits=True)
     if rank == 0:
         torch.save({"tokens": gen.tokens, "logits": gen.step_logits}, f"{out_dir}/{'sp' if sp else 'tp'}.pt")
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from shardwise.checkpoint import CAN_MAP, CheckpointSource, MapUnavailable, SliceReader
 from shardwise.config import load_config
-from shardwise.engine import model_layout
+from shardwise.conformance import model_layout
 from shardwise.loader import load_rank_state
 
 

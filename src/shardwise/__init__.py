@@ -1,13 +1,14 @@
 """shardwise: tensor-parallel inference from Hugging Face checkpoints, sharded by a declarative plan."""
 
 from .config import ModelConfig, load_config
-from .engine import ShardedModel, load_sharded, model_layout
+from .conformance import model_layout
 from .errors import ShardwiseError
 from .generation import Sampling, generate
 from .layout import Layout, compute_layout
 from .mesh import Mesh
 from .plan import Plan, builtin_plan, load_plan, resolve_plan
 from .runner import RunOptions, RunResult, run
+from .sharded_model import ShardedModel, load_sharded
 
 __all__ = [
     "Layout", "Mesh", "ModelConfig", "Plan", "RunOptions", "RunResult", "Sampling", "ShardedModel",

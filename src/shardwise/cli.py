@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
                       help="override one plan rule")
     _add(plan, "--sequence-parallel-enabled", action="store_true", help="add the family's sequence-parallel rules")
-    from .planner import HOST_GBPS, HOST_LATENCY_US, P2P_GBPS, P2P_LATENCY_US
+    from .capacity import HOST_GBPS, HOST_LATENCY_US, P2P_GBPS, P2P_LATENCY_US
 
     _add(plan, "--p2p-gbps", type=float, default=P2P_GBPS, help="assumed device-to-device bandwidth, GB/s")
     _add(plan, "--p2p-latency-us", type=float, default=P2P_LATENCY_US, help="assumed p2p latency per ring hop")
@@ -192,9 +192,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .planner import Links, plan_model, report_json
+    from .capacity import Links, estimate_capacity, report_json
 
-    report = plan_model(
+    report = estimate_capacity(
         args.model_path, args.tp_degree, args.partition_config, args.partition, args.batch_size, args.seq_len,
         args.torch_dtype, args.device, args.device_memory_gib, args.sharding_config, args.overrides,
         Links(args.p2p_gbps, args.p2p_latency_us, args.host_gbps, args.host_latency_us),

@@ -1,4 +1,4 @@
-"""Does a checkpoint hold what its ``config.json`` says? Checked from headers alone, before any rank starts.
+"""Does a checkpoint hold what its ``config.json`` says? And its layout on a mesh, from headers alone.
 
 A config whose sizes disagree with the weights would otherwise surface inside a rank, as a
 ``load_state_dict`` size mismatch that names neither the file nor the numbers, or worse as a layout
@@ -6,52 +6,30 @@ computed from the wrong head count. Here every tensor the model needs is looked 
 config implies, and tensors the model does not use are named (and left out of the layout) instead of
 being loaded and silently dropped.
 
-Torch-free on purpose: the planner calls it for bare ``config.json`` files on machines without weights.
+``conform`` is torch-free on purpose: the capacity estimate calls it for bare ``config.json`` files on machines
+without weights. ``model_layout`` is the one way a checkpoint directory becomes a layout (parent, ranks,
+pre-sharding and benchmarks alike), so every path checks the config against the weights.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import ModelConfig
+from .config import ModelConfig, load_config
 from .errors import ShardwiseError
+from .families import family
+from .layout import Layout, check_mesh, compute_layout
+from .mesh import Mesh
+from .plan import Plan, resolve_plan
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointSource
 
 log = logging.getLogger("shardwise")
 Shapes = Mapping[str, tuple[tuple[int, ...], str]]
-
-
-def state_dict_shapes(config: ModelConfig, dtype: str = "BF16") -> dict[str, tuple[tuple[int, ...], str]]:
-    """The Llama-family checkpoint tensors (HF names) and shapes implied by a config, no file needed.
-
-    With tied embeddings there is no ``lm_head.weight`` (the layout adds it as a view of the embedding).
-    """
-    h, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
-    q, kv = config.num_heads * hd, config.num_kv_heads * hd
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (q, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        if config.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
-        if config.o_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-        shapes[p + "mlp.up_proj.weight"] = (inter, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, inter)
-        if config.mlp_bias:
-            shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
-                           p + "mlp.down_proj.bias": (h,)})
-    shapes["model.norm.weight"] = (h,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    return {name: (shape, dtype) for name, shape in shapes.items()}
 
 
 def _fmt(shape: tuple[int, ...]) -> str:
@@ -67,7 +45,7 @@ def conform(found: Shapes, config: ModelConfig, where: str = "the checkpoint",
     whose shape disagrees (with both shapes); logs the tensors the model does not use and leaves them out.
     A tied checkpoint that stores ``lm_head.weight`` anyway keeps it, if its shape is right.
     """
-    expected = {n: s for n, (s, _) in state_dict_shapes(config).items()}
+    expected = {n: s for n, (s, _) in family(config.family).state_dict_shapes(config, "F32").items()}
     for param, src in config.tied_sources.items():
         if param in found:  # stored although tied: harmless when it has the right shape
             expected[param] = expected[src]
@@ -104,3 +82,23 @@ def _why(name: str, config: ModelConfig) -> str:
     if "embed_tokens" in name or "lm_head" in name:
         return f"vocab_size {config.vocab_size}, hidden_size {config.hidden_size}"
     return f"hidden_size {config.hidden_size}"
+
+
+def model_layout(model_path: str | Path, tp_degree: int | None = None, plan: Plan | None = None,
+                 config: ModelConfig | None = None, source: CheckpointSource | None = None,
+                 mesh: Mesh | None = None) -> Layout:
+    """The layout for a checkpoint on a mesh: headers and config only, no weights read.
+
+    The mesh is ``mesh`` if given, else the plan's (``tp_degree`` sizing its ``tensor`` axis). Tensors
+    the model does not use are left out (and named once); a config that disagrees with the weights is
+    refused here.
+    """
+    from .checkpoint import CheckpointSource  # imports torch: only when there are headers to read
+
+    config = config or load_config(model_path)
+    source = source or CheckpointSource(model_path)
+    plan = plan or resolve_plan(config.family)
+    mesh = mesh or plan.mesh(tp_degree)
+    check_mesh(config, mesh)
+    files = {n: t.file.name for n, t in source.tensors.items()}
+    return compute_layout(conform(source.shapes(), config, str(source.path), files), config, plan, mesh)

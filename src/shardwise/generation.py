@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models.llama import KVCache
+from .kv_cache import KVCache
 from .parallel.comm import Collectives
+from .protocol import Model
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ MASK_TABLE_LIMIT = 1 << 28  # bytes: above this, sliding-window decode masks are
 
 @torch.inference_mode()
 def generate(
-    model,
+    model: Model,
     prompts: list[list[int]],
     max_new_tokens: int,
     pad_token_id: int,
@@ -83,6 +84,15 @@ def generate(
     keep_logits: bool = False,
     device: torch.device | str = "cpu",
 ) -> Generated:
+    """Generate up to ``max_new_tokens`` tokens after each prompt (token ids), all rows in one batch.
+
+    Runs on every rank of a tensor-parallel model at once (each rank calls it with the same prompts;
+    ``comm`` is the model's collectives, so sampled tokens agree), or on one process for a whole model.
+    Rows stop at their first token in ``eos_token_ids`` (kept in the output); ``sampling`` picks greedy
+    or top-k/top-p/temperature sampling, seeded. Returns the new tokens with prefill and decode timings;
+    ``keep_logits`` also keeps each step's logits (for accuracy checks). Greedy output is token for token
+    what HF transformers generates on one process.
+    """
     comm = comm or Collectives()
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens
@@ -99,7 +109,7 @@ def generate(
     key_pos[:, longest:] = key_pos[:, longest - 1:longest] + torch.arange(1, max_new_tokens + 1)
     window = model.config.sliding_window
     cache = KVCache(model.config.num_layers, total)
-    model.init_rope(total, device)
+    model.prepare(total, device)
     gen = torch.Generator().manual_seed(sampling.seed)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 

@@ -1,7 +1,7 @@
 """The layout: for every tensor and every rank, which slice of the source tensor that rank holds.
 
 It is a pure function of tensor names/shapes/dtypes (safetensors headers), the model config (head
-counts), the sharding plan and the mesh, so it needs no weights and no processes: the planner, the
+counts), the sharding plan and the mesh, so it needs no weights and no processes: the capacity estimate, the
 shard-on-load reader, the pre-shard writer and the module swap all read the same object.
 
 A rank's slice of one dimension is a list of *segments*: runs of source rows ``[start, start+length)``
@@ -186,6 +186,22 @@ def _normalise(name: str, rule: Rule | None, ndim: int, mesh: Mesh) -> Spec:
     spec = tuple(spec) + (None,) * (ndim - len(spec))
     # Axes of size 1 split nothing; dropping them keeps "replicated" meaning "identical on every rank".
     return tuple(e if any(mesh.size(a) > 1 for a in spec_axes(e)) else None for e in spec)
+
+
+def check_tp_degree(config: ModelConfig, tp_degree: int) -> None:
+    if tp_degree < 1:
+        raise ShardwiseError(f"--tp-degree must be at least 1, got {tp_degree}")
+    limit = config.num_heads
+    if tp_degree > limit:
+        raise ShardwiseError(
+            f"--tp-degree {tp_degree} exceeds the model's {limit} attention heads: some ranks would hold only padding"
+        )
+
+
+def check_mesh(config: ModelConfig, mesh: Mesh) -> None:
+    """Refuse a mesh whose tensor axis leaves some ranks nothing but padding heads."""
+    if TENSOR_AXIS in mesh.axis_names:
+        check_tp_degree(config, mesh.size(TENSOR_AXIS))
 
 
 def compute_layout(

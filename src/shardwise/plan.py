@@ -23,7 +23,6 @@ import difflib
 import functools
 import re
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 
 from .errors import ShardwiseError
@@ -318,8 +317,10 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def builtin_plan(family: str) -> Plan:
-    """The plan shipped for a model family (``plans/<family>.yaml`` inside the package)."""
-    text = resources.files("shardwise.plans").joinpath(f"{family}.yaml").read_text()
+    """The plan shipped with a model family (``families/<family>/plan.yaml``)."""
+    from .families import family as family_named  # the registry imports nothing of ours but errors
+
+    text = family_named(family).builtin_plan_text()
     return _parse(parse_yaml(text, f"built-in plan {family}.yaml", "the plan"), f"built-in plan {family}.yaml",
                   required=False)
 

@@ -54,9 +54,9 @@ from .checkpoint import (
     read_header,
 )
 from .config import ModelConfig, config_from_dict, load_config
-from .engine import check_mesh, resolve_dtype
+from .dtypes import resolve_dtype
 from .errors import ShardwiseError
-from .layout import Layout, compute_layout
+from .layout import Layout, check_mesh, compute_layout
 from .loader import LoadStats
 from .plan import Plan, Rule, resolve_plan
 

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from .config import load_config
-from .engine import load_sharded, model_layout, resolve_dtype
+from .conformance import model_layout
+from .dtypes import resolve_dtype
 from .errors import ShardwiseError
 from .generation import Generated, Sampling, generate
 from .mesh import Mesh
@@ -26,6 +27,7 @@ from .parallel.comm import Collectives
 from .parallel.launch import default_backend, launch, threads_per_rank
 from .parallelize import check_runtime
 from .plan import Plan, resolve_plan
+from .sharded_model import load_sharded
 from .topology import Topology, load_partition_config, resolve_topology
 
 log = logging.getLogger("shardwise")
@@ -114,12 +116,12 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     keep_logits = opts.check_accuracy_mode == "logit-matching"
 
     def run_all() -> list[Generated]:
-        return [generate(sharded.model, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device)
+        return [generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device)
                 for b in batches]
 
     runs = 1
     if opts.benchmark:
-        generate(sharded.model, batches[0], min(4, opts.max_new_tokens), pad_id, eos, sampling, comm,
+        generate(sharded.module, batches[0], min(4, opts.max_new_tokens), pad_id, eos, sampling, comm,
                  device=device)  # warm-up: first-call allocations and kernel selection
         runs = max(1, opts.benchmark_iterations)
     timings = [run_all() for _ in range(runs)]

@@ -13,7 +13,7 @@ A partition's devices, in the order listed, are the ranks of the mesh (world siz
 On CPU each device is one rank process using ``numCores`` threads; on CUDA rank ``r`` runs on
 ``cuda:<deviceId>`` (``numCores`` host threads). A connection lists devices that reach each other
 peer to peer; devices with no connection between them exchange data through the host (no
-``connections`` at all means everything goes through the host). The planner uses that to pick the
+``connections`` at all means everything goes through the host). The capacity estimate uses that to pick the
 link figures for collective traffic.
 """
 

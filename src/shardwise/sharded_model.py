@@ -2,9 +2,9 @@
 
 This is the Python API for code that already runs on every rank (e.g. under torchrun)::
 
-    model = shardwise.load_sharded("path/to/checkpoint")        # rank/world from torch.distributed
-    out = shardwise.generate(model.model, [[1, 2, 3]], 32, pad_token_id=0, eos_token_ids=(2,),
-                             comm=model.comm)
+    sharded = shardwise.load_sharded("path/to/checkpoint")      # rank/world from torch.distributed
+    out = shardwise.generate(sharded.module, [[1, 2, 3]], 32, pad_token_id=0, eos_token_ids=(2,),
+                             comm=sharded.comm)
 """
 
 from __future__ import annotations
@@ -19,63 +19,19 @@ from torch import nn
 
 from .checkpoint import CheckpointSource
 from .config import ModelConfig, load_config
-from .conformance import conform
+from .conformance import model_layout
+from .dtypes import resolve_dtype
 from .errors import ShardwiseError
+from .families import family
 from .layout import Layout, compute_layout
 from .loader import LoadStats, load_rank_state
-from .mesh import Mesh
-from .models.llama import LlamaForCausalLM
 from .parallel.comm import Collectives
 from .parallel.fsdp import assign_stored, axis_groups, storage_axes
 from .parallelize import assign_state, check_runtime, parallelize
-from .plan import TENSOR_AXIS, Plan, resolve_plan
+from .plan import Plan, resolve_plan
+from .protocol import Model
 
 log = logging.getLogger("shardwise")
-
-TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str | torch.dtype, config: ModelConfig) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        name = config.torch_dtype
-    if name not in TORCH_DTYPES:
-        raise ShardwiseError(f"--torch-dtype {name!r} is not one of auto, {', '.join(TORCH_DTYPES)}")
-    return TORCH_DTYPES[name]
-
-
-def model_layout(model_path: str | Path, tp_degree: int | None = None, plan: Plan | None = None,
-                 config: ModelConfig | None = None, source: CheckpointSource | None = None,
-                 mesh: Mesh | None = None) -> Layout:
-    """The layout for a checkpoint on a mesh: headers and config only, no weights read.
-
-    The mesh is ``mesh`` if given, else the plan's (``tp_degree`` sizing its ``tensor`` axis).
-    """
-    config = config or load_config(model_path)
-    source = source or CheckpointSource(model_path)
-    plan = plan or resolve_plan(config.family)
-    mesh = mesh or plan.mesh(tp_degree)
-    check_mesh(config, mesh)
-    files = {n: t.file.name for n, t in source.tensors.items()}
-    return compute_layout(conform(source.shapes(), config, str(source.path), files), config, plan, mesh)
-
-
-def check_tp_degree(config: ModelConfig, tp_degree: int) -> None:
-    if tp_degree < 1:
-        raise ShardwiseError(f"--tp-degree must be at least 1, got {tp_degree}")
-    limit = config.num_heads
-    if tp_degree > limit:
-        raise ShardwiseError(
-            f"--tp-degree {tp_degree} exceeds the model's {limit} attention heads: some ranks would hold only padding"
-        )
-
-
-def check_mesh(config: ModelConfig, mesh: Mesh) -> None:
-    if TENSOR_AXIS in mesh.axis_names:
-        check_tp_degree(config, mesh.size(TENSOR_AXIS))
-
 
 @contextmanager
 def _skip_init():
@@ -96,7 +52,9 @@ def _skip_init():
 
 @dataclass
 class ShardedModel:
-    model: LlamaForCausalLM
+    """This rank's part of a tensor-parallel model: ``module`` runs forwards on every rank together."""
+
+    module: Model
     config: ModelConfig
     layout: Layout
     rank: int
@@ -160,7 +118,7 @@ def load_sharded(
             log.info("Sharding weights for ranks: 0...%d", comm.world_size - 1)
         state, stats = load_rank_state(source, layout, comm.rank, torch_dtype, read_threads, progress)
     with torch.device("meta"), _skip_init():
-        model = LlamaForCausalLM(config)
+        model = family(config.family).build(config)
     mesh = layout.mesh
     storage = storage_axes(mesh)
     if storage:

@@ -1,4 +1,4 @@
-"""The planner: its figures equal what ranks really hold, from config and headers alone."""
+"""The capacity estimate: its figures equal what ranks really hold, from config and headers alone."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from shardwise.capacity import Collective, estimate_capacity
 from shardwise.checkpoint import CheckpointSource
 from shardwise.cli import main
 from shardwise.config import config_from_dict, load_config
-from shardwise.engine import model_layout
+from shardwise.conformance import model_layout
 from shardwise.errors import ShardwiseError
+from shardwise.families import state_dict_shapes
 from shardwise.loader import load_rank_state
-from shardwise.planner import Collective, plan_model, state_dict_shapes
 
 CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
 
@@ -44,7 +45,7 @@ def test_state_dict_shapes_match_transformers(tiny_raw, extra):
 @pytest.mark.parametrize("tp", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_param_bytes_equal_what_each_rank_loads(tiny_checkpoint, tp, dtype):
-    report = plan_model(tiny_checkpoint, tp_degree=tp, torch_dtype=dtype)
+    report = estimate_capacity(tiny_checkpoint, tp_degree=tp, torch_dtype=dtype)
     assert report.shapes_from == "safetensors headers"
     source = CheckpointSource(tiny_checkpoint)
     layout = model_layout(tiny_checkpoint, tp, source=source)
@@ -54,19 +55,19 @@ def test_param_bytes_equal_what_each_rank_loads(tiny_checkpoint, tp, dtype):
 
 
 def test_config_alone_gives_the_same_figures_as_headers(tiny_checkpoint):
-    from_dir = plan_model(tiny_checkpoint, tp_degree=4, batch_size=2, seq_len=40)
-    from_config = plan_model(tiny_checkpoint / "config.json", tp_degree=4, batch_size=2, seq_len=40)
+    from_dir = estimate_capacity(tiny_checkpoint, tp_degree=4, batch_size=2, seq_len=40)
+    from_config = estimate_capacity(tiny_checkpoint / "config.json", tp_degree=4, batch_size=2, seq_len=40)
     assert from_config.shapes_from == "config.json"
     assert [(r.param_bytes, r.kv_cache_bytes, r.activation_bytes) for r in from_dir.ranks] == \
            [(r.param_bytes, r.kv_cache_bytes, r.activation_bytes) for r in from_config.ranks]
 
 
 def _rank_figures(rank, world, model_path, prompts, new_tokens, out_dir):
-    from shardwise.engine import load_sharded
     from shardwise.generation import generate
+    from shardwise.sharded_model import load_sharded
 
     sharded = load_sharded(model_path, "float32")
-    gen = generate(sharded.model, prompts, new_tokens, 0, (), comm=sharded.comm)
+    gen = generate(sharded.module, prompts, new_tokens, 0, (), comm=sharded.comm)
     torch.save({"held": sharded.stats.bytes_held, "cache": gen.cache_bytes}, f"{out_dir}/rank{rank}.pt")
 
 
@@ -77,7 +78,8 @@ def test_param_and_kv_bytes_equal_a_real_two_rank_run(tiny_checkpoint, tmp_path)
 
     prompts, new_tokens = [[5, 6, 7, 8], [9, 10]], 6
     launch(_rank_figures, 2, (str(tiny_checkpoint), prompts, new_tokens, str(tmp_path)))
-    report = plan_model(tiny_checkpoint, tp_degree=2, batch_size=2, seq_len=4 + new_tokens, torch_dtype="float32")
+    report = estimate_capacity(tiny_checkpoint, tp_degree=2, batch_size=2, seq_len=4 + new_tokens,
+                               torch_dtype="float32")
     for rank in range(2):
         real = torch.load(tmp_path / f"rank{rank}.pt")
         assert report.ranks[rank].param_bytes == real["held"]
@@ -89,7 +91,7 @@ def test_param_and_kv_bytes_equal_a_real_two_rank_run(tiny_checkpoint, tmp_path)
 def test_collectives_per_token(tiny_raw, tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(tiny_raw))
-    report = plan_model(cfg, tp_degree=4, batch_size=3, torch_dtype="bfloat16")
+    report = estimate_capacity(cfg, tp_degree=4, batch_size=3, torch_dtype="bfloat16")
     kinds = {(c.kind, c.what.split(":")[0]): c for c in report.collectives}
     assert kinds[("all-reduce", "model.layers.*.self_attn.o_proj")].count == 2
     assert kinds[("all-reduce", "model.layers.*.mlp.down_proj")].count == 2
@@ -106,7 +108,7 @@ def test_collectives_per_token(tiny_raw, tmp_path):
     assert ar.seconds(1e9, 1e-5) == pytest.approx(6 * 1e-5 + 1500 / 1e9)  # 2(N-1) hops
     host, p2p = report.comm_seconds("host"), report.comm_seconds("p2p")
     assert host > p2p > 0
-    assert plan_model(cfg, tp_degree=1).collectives == []
+    assert estimate_capacity(cfg, tp_degree=1).collectives == []
 
 
 def test_partition_config_sets_ranks_devices_and_link(tmp_path):
@@ -115,16 +117,16 @@ def test_partition_config_sets_ranks_devices_and_link(tmp_path):
     pc.write_text(json.dumps({"partitions": [{"name": "p", "devices": devices}],
                               "connections": [{"devices": [4, 5, 6, 7], "type": "p2p"}]}))
     cfg = CONFIGS / "llama-3.1-8b/config.json"
-    report = plan_model(cfg, partition_config=pc, device="cuda", device_memory_gib=16)
+    report = estimate_capacity(cfg, partition_config=pc, device="cuda", device_memory_gib=16)
     assert report.mesh.world_size == 4 and report.link == "p2p"
     assert [r.device for r in report.ranks] == ["cuda:4", "cuda:5", "cuda:6", "cuda:7"]
     assert report.ranks[0].memory_bytes == 16 * 1024 ** 3
     pc.write_text(json.dumps({"partitions": [{"name": "p", "devices": devices}]}))
-    assert plan_model(cfg, partition_config=pc, device_memory_gib=16).link == "host"
+    assert estimate_capacity(cfg, partition_config=pc, device_memory_gib=16).link == "host"
 
 
 def test_kv_cache_counts_replicated_kv_heads_for_405b():
-    report = plan_model(CONFIGS / "llama-3.1-405b/config.json", tp_degree=64, seq_len=4096, batch_size=2,
+    report = estimate_capacity(CONFIGS / "llama-3.1-405b/config.json", tp_degree=64, seq_len=4096, batch_size=2,
                         device_memory_gib=24)
     # 8 KV heads over 64 ranks: each rank holds one (replicated) KV head.
     assert all(r.kv_cache_bytes == 2 * 4096 * 126 * 1 * 128 * 2 * 2 for r in report.ranks)
@@ -134,18 +136,18 @@ def test_kv_cache_counts_replicated_kv_heads_for_405b():
     assert 800e9 < full < 820e9  # 405B parameters in bf16
 
 
-def test_planner_errors(tiny_raw, tmp_path):
+def test_capacity_errors(tiny_raw, tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(tiny_raw))
     with pytest.raises(ShardwiseError, match="exceeds the model's 9 attention heads"):
-        plan_model(cfg, tp_degree=16)
+        estimate_capacity(cfg, tp_degree=16)
     with pytest.raises(ShardwiseError, match="--torch-dtype 'int3'"):
-        plan_model(cfg, tp_degree=2, torch_dtype="int3")
+        estimate_capacity(cfg, tp_degree=2, torch_dtype="int3")
     if not torch.cuda.is_available():
         with pytest.raises(ShardwiseError, match="give --device-memory-gib"):
-            plan_model(cfg, tp_degree=2, device="cuda")
+            estimate_capacity(cfg, tp_degree=2, device="cuda")
     with pytest.raises(ShardwiseError, match="nearest real names"):
-        plan_model(cfg, tp_degree=2, overrides=["model.layers.*.self_attn.o_proj_weight=[null,tensor]"])
+        estimate_capacity(cfg, tp_degree=2, overrides=["model.layers.*.self_attn.o_proj_weight=[null,tensor]"])
 
 
 def test_cli_plan_text_and_json(tiny_raw, tmp_path, capsys):
@@ -166,8 +168,8 @@ def test_two_d_mesh_rings_per_axis_and_fsdp_gathers(tiny_raw, tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(tiny_raw))
     example = Path(__file__).resolve().parents[1] / "docs/plans/llama-fsdp-tp.yaml"
-    report = plan_model(cfg, sharding_config=example, batch_size=4, seq_len=16, torch_dtype="float32")
-    one_d = plan_model(cfg, tp_degree=4, batch_size=2, seq_len=16, torch_dtype="float32")
+    report = estimate_capacity(cfg, sharding_config=example, batch_size=4, seq_len=16, torch_dtype="float32")
+    one_d = estimate_capacity(cfg, tp_degree=4, batch_size=2, seq_len=16, torch_dtype="float32")
     assert report.mesh.world_size == 8
     # The batch is split over fsdp (model.layers.*: [fsdp, ...]): each rank caches 2 of the 4 sequences.
     assert report.ranks[0].kv_cache_bytes == one_d.ranks[0].kv_cache_bytes
@@ -180,5 +182,5 @@ def test_two_d_mesh_rings_per_axis_and_fsdp_gathers(tiny_raw, tmp_path):
 
 def test_directory_without_weights_plans_from_its_config(tiny_raw, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_raw))
-    report = plan_model(tmp_path, tp_degree=3)
+    report = estimate_capacity(tmp_path, tp_degree=3)
     assert report.shapes_from == "config.json" and report.mesh.world_size == 3

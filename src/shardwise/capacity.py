@@ -1,4 +1,4 @@
-"""The planner: will it fit? Bytes per rank and collective traffic, from config and headers alone.
+"""The capacity estimate: will it fit? Bytes per rank and collective traffic, from config and headers alone.
 
 ``shardwise plan`` reads no weights: tensor names and shapes come from the safetensors headers, or,
 with a bare ``config.json``, from :func:`state_dict_shapes`. The same layout the loader uses gives each
@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import ModelConfig, load_config
-from .conformance import state_dict_shapes
+from .dtypes import WEIGHT_DTYPES, canonical, safetensors_code, weight_dtype
+from .dtypes import itemsize as dtype_itemsize
 from .errors import ShardwiseError
+from .families import state_dict_shapes
 from .layout import Layout, compute_layout
 from .mesh import Mesh
 from .plan import TENSOR_AXIS, resolve_plan, spec_axes
@@ -34,7 +36,6 @@ P2P_LATENCY_US = 5.0
 HOST_GBPS = 12.0
 HOST_LATENCY_US = 20.0
 
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 GIB = 1024 ** 3
 
 
@@ -82,7 +83,7 @@ class Collective:
 
 
 @dataclass
-class RankPlan:
+class RankCapacity:
     rank: int
     device: str
     param_bytes: int
@@ -100,7 +101,7 @@ class RankPlan:
 
 
 @dataclass
-class PlanReport:
+class CapacityReport:
     model: str
     shapes_from: str  # "safetensors headers" or "config.json"
     mesh: Mesh
@@ -108,7 +109,7 @@ class PlanReport:
     batch_size: int
     seq_len: int
     memory_source: str
-    ranks: list[RankPlan]
+    ranks: list[RankCapacity]
     collectives: list[Collective]
     link: str  # the link this mesh's ring uses: p2p or host
     links: Links
@@ -200,9 +201,9 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _group_ranks(ranks: list[RankPlan]):
+def _group_ranks(ranks: list[RankCapacity]):
     """Consecutive ranks with identical figures, as (first, last, representative)."""
-    groups: list[tuple[int, int, RankPlan]] = []
+    groups: list[tuple[int, int, RankCapacity]] = []
     for r in ranks:
         key = (r.device.split(":")[0], r.param_bytes, r.kv_cache_bytes, r.activation_bytes, r.memory_bytes)
         if groups:
@@ -240,11 +241,15 @@ def _shapes(model_path: Path, config: ModelConfig) -> tuple[dict, str]:
         from .checkpoint import CheckpointSource  # imports torch: only when there are headers to read
 
         return CheckpointSource(directory).shapes(), "safetensors headers"
-    return state_dict_shapes(config, _st_dtype(config.torch_dtype)), "config.json"
+    return state_dict_shapes(config, _weights_code(config.torch_dtype)), "config.json"
 
 
-def _st_dtype(name: str) -> str:
-    return {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(name, "BF16")
+def _weights_code(name: str) -> str:
+    """The safetensors code of a config's ``torch_dtype``, bf16 for anything that is not a weight dtype."""
+    try:
+        return safetensors_code(name) if canonical(name) in WEIGHT_DTYPES else "BF16"
+    except ShardwiseError:
+        return "BF16"
 
 
 def _rows(layout: Layout, name: str, rank: int, dim: int = 0) -> int:
@@ -252,7 +257,7 @@ def _rows(layout: Layout, name: str, rank: int, dim: int = 0) -> int:
     return t.shards[rank].local_shape[dim] if t is not None else 0
 
 
-def plan_model(
+def estimate_capacity(
     model_path: str | Path,
     tp_degree: int | None = None,
     partition_config: str | Path | None = None,
@@ -266,16 +271,14 @@ def plan_model(
     overrides: list[str] | None = None,
     links: Links = Links(),
     sequence_parallel: bool = False,
-) -> PlanReport:
+) -> CapacityReport:
     """Plan ``model_path`` (a checkpoint directory or a ``config.json``) without reading a weight."""
     if batch_size < 1 or seq_len < 1:
         raise ShardwiseError("--batch-size and --seq-len must be at least 1")
     path = Path(model_path)
     config = load_config(path)
-    dtype_name = config.torch_dtype if torch_dtype == "auto" else torch_dtype
-    if dtype_name not in DTYPE_BYTES:
-        raise ShardwiseError(f"--torch-dtype {dtype_name!r} is not one of auto, {', '.join(DTYPE_BYTES)}")
-    itemsize = DTYPE_BYTES[dtype_name]
+    dtype_name = weight_dtype(torch_dtype, config)
+    itemsize = dtype_itemsize(dtype_name)
     plan = resolve_plan(config.family, sharding_config, overrides, sequence_parallel)
     link, device_ids = P2P, None
     if partition_config is not None:
@@ -313,10 +316,10 @@ def plan_model(
         kv_rows = sum(_rows(layout, f"model.layers.{i}.self_attn.{p}.weight", r)
                       for i in range(config.num_layers) for p in ("k_proj", "v_proj"))
         kv = batch * seq_len * kv_rows * itemsize
-        ranks.append(RankPlan(r, devices[r], params, kv, _activation_bytes(layout, config, r, batch, seq_len,
+        ranks.append(RankCapacity(r, devices[r], params, kv, _activation_bytes(layout, config, r, batch, seq_len,
                                                                             itemsize), memory[r]))
     uncovered = sorted({_generic(u) for u in layout.uncovered})
-    return PlanReport(str(model_path), shapes_from, mesh, dtype_name, batch_size, seq_len, memory_source, ranks,
+    return CapacityReport(str(model_path), shapes_from, mesh, dtype_name, batch_size, seq_len, memory_source, ranks,
                       _collectives(layout, config, batch, itemsize), link, links, uncovered)
 
 
@@ -411,5 +414,5 @@ def _gathers(layout: Layout, module: str) -> bool:
     return any(Rule(p, s).regex.match(module) and all(e is None for e in s) for p, s in layout.activations.items())
 
 
-def report_json(report: PlanReport) -> str:
+def report_json(report: CapacityReport) -> str:
     return json.dumps(report.to_dict(), indent=2)

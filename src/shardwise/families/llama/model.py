@@ -1,7 +1,8 @@
 """Single-device Llama-family model (Llama 2/3/3.1, Mistral, Qwen2) with HF parameter names.
 
 No parallelism lives here: tensor parallelism comes from swapping the ``nn.Linear`` and
-``nn.Embedding`` modules per the sharding plan (see ``parallelize.py``). The code is written so the
+``nn.Embedding`` modules per the sharding plan (see ``parallelize.py``). It follows the runtime's model
+protocol (``shardwise.protocol``). The code is written so the
 swap needs nothing else: attention infers its local head count from the projection's output size,
 and ``scaled_dot_product_attention(enable_gqa=True)`` pairs query and KV heads by position.
 """
@@ -14,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from ..errors import ShardwiseError
+from ...errors import ShardwiseError
+from ...kv_cache import KVCache
+from .config import LlamaConfig
 
 
 class RMSNorm(nn.Module):
@@ -31,7 +33,7 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies for rotary embeddings, including the rope scaling types we support."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -60,34 +62,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class KVCache:
-    """Preallocated keys and values for every layer: decode writes in place, never reallocates."""
-
-    def __init__(self, num_layers: int, max_len: int):
-        self.max_len = max_len
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[layer] is None:
-            b, h, _, d = k.shape
-            self.k[layer] = k.new_zeros(b, h, self.max_len, d)
-            self.v[layer] = v.new_zeros(b, h, self.max_len, d)
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise ShardwiseError(f"sequence length {end} exceeds the KV cache of {self.max_len} positions")
-        ck, cv = self.k[layer], self.v[layer]
-        ck[:, :, start:end] = k
-        cv[:, :, start:end] = v
-        return ck[:, :, :end], cv[:, :, :end]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
-
-
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
         self.layer_idx = layer_idx
@@ -110,7 +86,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: LlamaConfig):
         super().__init__()
         if config.hidden_act != "silu":
             raise ShardwiseError(f"activation {config.hidden_act!r} is not supported (silu is)")
@@ -123,7 +99,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
@@ -136,7 +112,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
@@ -144,7 +120,9 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig):
+    output_kind = "logits"
+
+    def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
@@ -156,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def init_rope(self, max_len: int, device: torch.device | str = "cpu") -> None:
+    def prepare(self, max_len: int, device: torch.device | str = "cpu") -> None:
         """Cos/sin tables for positions ``0..max_len-1``, float32 (cast per use, as HF does).
 
         Built for the lengths a generation needs, not ``max_position_embeddings`` (128K positions of
