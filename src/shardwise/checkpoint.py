@@ -10,6 +10,11 @@ mapping of exactly that range of the file, whose pages are the page cache's own 
 the weights are resident when loading returns). Ranks on one machine then share one copy of the
 weights, and loading costs no fresh memory. Other slices (column slices of row-parallel weights,
 padded or re-typed ones) are copied into memory the caller provides, cast on the way.
+
+Checkpoints are untrusted input. ``read_header`` validates a header as strictly as the safetensors
+library does, before any data is read, so every offset used later lies inside its file and inside
+its own tensor; ``CheckpointSource`` reads only files an index names inside its directory, and only
+safetensors: nothing here ever unpickles.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import os
 import struct
 import threading
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from .errors import ShardwiseError
 from .layout import Segment, ShardSlice
+from .untrusted import one_line, read_json
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -60,44 +67,366 @@ class TensorInfo:
         return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor infos of one safetensors file, from its header alone."""
-    try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ShardwiseError(f"{path}: not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > 100_000_000:
-                raise ShardwiseError(f"{path}: not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardwiseError(f"{path}: cannot read safetensors header ({exc})") from None
-    base = 8 + n
-    size = path.stat().st_size
-    infos = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if meta["dtype"] not in DTYPES:
-            raise ShardwiseError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-        begin, end = meta["data_offsets"]
-        if base + end > size:
-            raise ShardwiseError(f"{path}: truncated: tensor {name} ends at byte {base + end} but the file has {size}")
-        infos[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), path, base + begin, base + end)
+# The safetensors library's own limits, matched so that a file it refuses is refused here too.
+MAX_HEADER_BYTES = 100_000_000
+MAX_JSON_DEPTH = 127  # its JSON parser (serde_json) refuses a 128th nested array or object
+# Every dtype the library knows. Those outside ``DTYPES`` parse, but shardwise has no use for them.
+LIBRARY_DTYPES = frozenset({*DTYPES, "F4", "F6_E2M3", "F6_E3M2", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ",
+                            "F8_E5M2FNUZ", "U16", "U32", "U64", "C64"})
+ITEMSIZES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
+ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+FIELD_SET = frozenset(ENTRY_FIELDS)
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def read_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Tensor infos of one safetensors file, from its header alone, validated before any data is read.
+
+    The rules are the safetensors library's (the file format has no other definition): the header is
+    UTF-8 JSON, an object of tensor entries (plus an optional ``__metadata__`` of strings); every entry
+    has a dtype, a shape of sizes and ``data_offsets`` holding exactly its bytes; and the tensors' byte
+    ranges tile the data section, which ends where the file ends. Every file that library reads with
+    dtypes shardwise knows is read here identically; everything it refuses is refused here, as one
+    line naming the file, the tensor and the numbers. Offsets are then safe to read at: every range
+    lies inside the file, so no later read can run past its end or into another tensor.
+    """
+    path = Path(path)
+    raw, size = _header_bytes(path)
+    header = _header_json(path, raw)
+    _check_metadata(path, header)
+    entries: dict[str, tuple[str, tuple[int, ...], tuple[int, int]]] = {}
+    for name, entry in _pairs(header):  # every entry parses, even one a repeated name replaces (as in the library)
+        if name != "__metadata__":
+            entries[name] = _parse_entry(path, name, entry)
+    base, data_bytes = 8 + len(raw), size - 8 - len(raw)
+    infos: dict[str, TensorInfo] = {}
+    for name, (dtype, shape, (begin, end)) in entries.items():
+        _check_entry(path, name, dtype, shape, begin, end, data_bytes)
+        infos[name] = TensorInfo(name, dtype, shape, path, base + begin, base + end)
+    _check_tiling(path, infos, base, data_bytes)
     return infos
 
 
+def _header_bytes(path: Path) -> tuple[bytes, int]:
+    """The raw JSON header and the file's size, once the 8-byte length has been checked against both."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise ShardwiseError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > MAX_HEADER_BYTES:
+                raise ShardwiseError(f"{path}: not a safetensors file (header length {n} is over the "
+                                     f"{MAX_HEADER_BYTES}-byte limit)")
+            if 8 + n > size:
+                raise ShardwiseError(f"{path}: truncated or not a safetensors file: the header length says {n} "
+                                     f"bytes but only {size - 8} follow it")
+            raw = f.read(n)
+    except OSError as exc:
+        raise ShardwiseError(f"{path}: cannot read safetensors header ({exc.strerror or exc})") from None
+    if len(raw) != n:
+        raise ShardwiseError(f"{path}: truncated while reading its header ({len(raw)} of {n} bytes)")
+    return raw, size
+
+
+class _JsonObject(dict):
+    """A JSON object whose keys repeat, with all its pairs (a plain dict is one whose keys do not).
+
+    The library refuses some repeats (a field of a tensor entry, ``__metadata__``) and type-checks the
+    value of every repeat before the last one wins; a plain dict would forget the earlier values.
+    """
+
+    __slots__ = ("pairs",)
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, object]]) -> dict:
+        """The parser's hook: a plain dict when no key repeats (the usual case, and the cheap one)."""
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        obj = cls(pairs)
+        obj.pairs = pairs
+        return obj
+
+
+def _pairs(obj: dict) -> Iterable[tuple[str, object]]:
+    """All pairs of a parsed object, repeated keys included."""
+    return getattr(obj, "pairs", None) or obj.items()
+
+
+def _repeats(obj: dict) -> bool:
+    return getattr(obj, "pairs", None) is not None
+
+
+def _json_int(text: str) -> int | float:
+    """JSON integers as the library's parser reads them: ``-0`` and integers past 64 bits are floats there
+    (so never a valid size or offset), and one past float's range is an error."""
+    if text == "-0":
+        return -0.0
+    value = int(text)  # ValueError past Python's 4300-digit limit
+    if -(1 << 63) <= value < 1 << 64:
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"number {text[:20]}... is out of range") from None
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _json_constant(text: str) -> float:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _header_json(path: Path, raw: bytes) -> dict:
+    """The header as a JSON object, parsed no more leniently than the library parses it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ShardwiseError(f"{path}: safetensors header is not UTF-8 (byte {exc.start} of the header)") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_JsonObject.from_pairs, parse_int=_json_int,
+                            parse_float=_json_float, parse_constant=_json_constant)
+    except RecursionError:
+        raise ShardwiseError(f"{path}: safetensors header JSON is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and the refusals above
+        raise ShardwiseError(f"{path}: safetensors header is not valid JSON ({one_line(exc)})") from None
+    if not isinstance(header, dict):
+        raise ShardwiseError(f"{path}: safetensors header must be a JSON object, not {_kind(header)}")
+    return header
+
+
+def _check_metadata(path: Path, header: dict) -> None:
+    """``__metadata__``: absent, null, or an object of strings, given once."""
+    if sum(1 for name, _ in _pairs(header) if name == "__metadata__") > 1:
+        raise ShardwiseError(f"{path}: __metadata__ appears twice in the header")
+    meta = header.get("__metadata__")
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise ShardwiseError(f"{path}: __metadata__ must be an object of strings, not {_kind(meta)}")
+    for key, value in _pairs(meta):
+        if not isinstance(value, str):
+            raise ShardwiseError(f"{path}: __metadata__ {_quote(key)} must be a string, got {_show(value)}")
+        if _lone_surrogate(key) or _lone_surrogate(value):
+            raise ShardwiseError(f"{path}: __metadata__ {_quote(key)} is not valid Unicode (a lone surrogate)")
+
+
+def _bad(path: Path, name: str, what: str) -> ShardwiseError:
+    return ShardwiseError(f"{path}: tensor {_quote(name)}: {what}")
+
+
+def _parse_entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """A tensor entry's dtype, shape and offsets, checked for type only (what the library's parser checks).
+
+    The library also reads an entry written as the array ``[dtype, shape, data_offsets]`` and a dtype
+    written as ``{"F32": null}`` (its parser reads Rust structs and enums that way), so those parse here too.
+    """
+    if _lone_surrogate(name):
+        raise _bad(path, name, "the name is not valid Unicode (a lone surrogate)")
+    if isinstance(entry, dict):
+        if _repeats(entry) or entry.keys() != FIELD_SET:  # exactly the three fields, once each: the usual case
+            _check_fields(path, name, entry)
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    elif isinstance(entry, list) and len(entry) == 3:
+        dtype, shape, offsets = entry
+    else:
+        found = f"got an array of {len(entry)}" if isinstance(entry, list) else f"not {_kind(entry)}"
+        raise _bad(path, name, f"an entry is an object with dtype, shape and data_offsets, {found}")
+    if isinstance(dtype, dict) and len(dtype) == 1 and not _repeats(dtype) and next(iter(dtype.values())) is None:
+        dtype = next(iter(dtype))
+    if not isinstance(dtype, str):
+        raise _bad(path, name, f"dtype must be a string, got {_show(dtype)}")
+    if dtype not in LIBRARY_DTYPES:
+        raise _bad(path, name, f"unknown dtype {_quote(dtype)}")
+    if not _sizes(shape):
+        raise _bad(path, name, f"shape must be a list of non-negative integers, got {_show(shape)}")
+    if not (_sizes(offsets) and len(offsets) == 2):
+        raise _bad(path, name, f"data_offsets must be two non-negative integers [begin, end], got {_show(offsets)}")
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+def _sizes(value: object) -> bool:
+    """Whether ``value`` is a list of non-negative integers (booleans and floats are not; ``-0`` is a float)."""
+    if not isinstance(value, list):
+        return False
+    for d in value:
+        if type(d) is not int or d < 0:
+            return False
+    return True
+
+
+def _check_fields(path: Path, name: str, entry: dict) -> None:
+    """An entry object with other fields than its three, or a field twice: what the library allows of that."""
+    for key, value in _pairs(entry):
+        if key not in FIELD_SET:
+            _check_ignored(path, name, key, value)
+    keys = [key for key, _ in _pairs(entry)]
+    for field in ENTRY_FIELDS:
+        if keys.count(field) > 1:
+            raise _bad(path, name, f"field {field!r} appears twice")
+        if field not in entry:
+            raise _bad(path, name, f"the entry has no {field!r}")
+
+
+def _check_ignored(path: Path, name: str, field: str, value: object) -> None:
+    """Fields of an entry other than its three are ignored, but still parsed: too deep or not valid Unicode
+    there, and the library refuses the file. (Iterative: depth is what is being checked.)"""
+    if _lone_surrogate(field):
+        raise _bad(path, name, f"field {_quote(field)} is not valid Unicode (a lone surrogate)")
+    stack = [(value, 3)]  # the header object is depth 1, an entry 2
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str) and _lone_surrogate(value):
+            raise _bad(path, name, f"field {_quote(field)} holds a string that is not valid Unicode "
+                                   "(a lone surrogate)")
+        if isinstance(value, (dict, list)) and depth > MAX_JSON_DEPTH:
+            raise _bad(path, name, f"field {_quote(field)} is JSON nested over {MAX_JSON_DEPTH} deep")
+        if isinstance(value, dict):
+            for key, item in _pairs(value):
+                if _lone_surrogate(key):
+                    raise _bad(path, name, f"field {_quote(field)} holds a key that is not valid Unicode "
+                                           "(a lone surrogate)")
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
+def _check_entry(path: Path, name: str, dtype: str, shape: tuple[int, ...], begin: int, end: int,
+                 data_bytes: int) -> None:
+    """What the library checks of each tensor once parsed: a size that counts, exactly its bytes, in the file."""
+    if dtype not in DTYPES:
+        raise _bad(path, name, f"dtype {dtype} is not supported by shardwise (supported: {', '.join(DTYPES)})")
+    if max(shape, default=0) >= 1 << 63:
+        raise _bad(path, name, f"shape {_show(list(shape))} has a size over 2**63 - 1")
+    numel = 1
+    for d in shape:  # in order, as the library multiplies: a 0 after an overflow does not save it
+        numel *= d
+        if numel >= 1 << 64:
+            raise _bad(path, name, f"shape {_show(list(shape))} has more than 2**64 elements")
+    nbytes = numel * ITEMSIZES[dtype]
+    if nbytes * 8 >= 1 << 64:
+        raise _bad(path, name, f"shape {_show(list(shape))} of {dtype} has more than 2**64 bits")
+    if end < begin:
+        raise _bad(path, name, f"data_offsets [{begin}, {end}] are reversed")
+    if end - begin != nbytes:
+        raise _bad(path, name, f"data_offsets [{begin}, {end}] hold {end - begin} bytes, but shape "
+                               f"{_show(list(shape))} of {dtype} is {nbytes} bytes")
+    if end > data_bytes:
+        raise ShardwiseError(f"{path}: truncated: tensor {_quote(name)} ends at data byte {end} but the file "
+                             f"has only {data_bytes} bytes of data")
+
+
+def _check_tiling(path: Path, infos: dict[str, TensorInfo], base: int, data_bytes: int) -> None:
+    """Sorted by offset, the tensors cover the data section exactly: no gap, no overlap, nothing after."""
+    pos, previous = 0, None
+    for begin, end, name in sorted((i.begin - base, i.end - base, n) for n, i in infos.items()):
+        if begin > pos:
+            after = f"after tensor {_quote(previous)}" if previous is not None else "at the start of the data"
+            raise ShardwiseError(f"{path}: data bytes {pos}..{begin} belong to no tensor ({after}; tensor "
+                                 f"{_quote(name)} starts at {begin})")
+        if begin < pos:
+            raise ShardwiseError(f"{path}: tensor {_quote(name)} (data bytes {begin}..{end}) overlaps tensor "
+                                 f"{_quote(previous)}, which ends at {pos}")
+        pos, previous = end, name
+    if pos != data_bytes:
+        raise ShardwiseError(f"{path}: {data_bytes - pos} bytes after the last tensor's data belong to no tensor "
+                             f"(tensors end at data byte {pos}, the file at {data_bytes}): not a complete "
+                             f"safetensors file")
+
+
+def _lone_surrogate(text: str) -> bool:
+    """Whether JSON escapes left half a UTF-16 pair in ``text`` (the library's parser refuses those)."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", _JsonObject: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _quote(text: object, limit: int = 80) -> str:
+    """A name for a message: quoted, escaped to one line, and short whatever the file says."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
+
+
+def _show(value: object, limit: int = 80, nested: bool = False) -> str:
+    """A JSON value for a message: one line, short, and shallow (hostile values can be huge or deep)."""
+    if isinstance(value, list):
+        inner = "..." if nested and value else ", ".join(_show(v, limit, True) for v in value[:8])
+        text = f"[{inner}{', ...' if len(value) > 8 and not nested else ''}]"
+    elif isinstance(value, dict):
+        text = "{...}" if value else "{}"
+    else:
+        text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _index_file_problem(name: str) -> str | None:
+    """Why an index entry is not a safetensors file inside the checkpoint directory, if it is not.
+
+    Decided on the name, never by resolving links: in the Hugging Face cache a snapshot's files are
+    links into ``../../blobs``, and a link the directory's owner made is theirs to make. What the
+    index cannot do is name a file outside the directory (absolute, or climbing with ``..``), or a
+    pickled ``.bin``: shardwise reads safetensors only, so no file it loads can run code.
+    """
+    if not name:
+        return "an empty file name"
+    if any(c < " " for c in name) or _lone_surrogate(name):  # NUL, newlines...: no real shard is named so
+        return "not a valid file name"
+    if name.startswith("/"):
+        return "an absolute path: files must be inside the checkpoint directory"
+    if ".." in PurePosixPath(name).parts:
+        return "a path with '..': files must be inside the checkpoint directory"
+    if not name.endswith(".safetensors"):
+        return "not a .safetensors file (shardwise reads only safetensors weights, never pickled .bin files)"
+    return None
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor name -> file name), every file name confined to the directory."""
+    data = read_json(index, "checkpoint index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ShardwiseError(f"{index}: the index needs a `weight_map` object (tensor name -> file), "
+                             f"got {_kind(weight_map)}")
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str):
+            raise ShardwiseError(f"{index}: weight_map[{_quote(tensor)}] must be a file name, got {_show(name)}")
+        problem = _index_file_problem(name)
+        if problem:
+            raise ShardwiseError(f"{index}: weight_map[{_quote(tensor)}] = {_quote(name)} is {problem}")
+    return weight_map
+
+
 class CheckpointSource:
-    """An HF checkpoint directory: one ``model.safetensors``, or shards listed in an index."""
+    """An HF checkpoint directory: one ``model.safetensors``, or shards listed in an index.
+
+    Nothing but safetensors headers is read here, and only from files inside the directory; each
+    tensor must be in exactly one file (the one the index says).
+    """
 
     def __init__(self, path: str | Path, files: list[Path] | None = None):
         self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
+        index = self.path / INDEX_NAME
+        weight_map = None
         if files is not None:
             files = [Path(f) for f in files]
         elif index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            weight_map = _read_weight_map(index)
             files = sorted({self.path / f for f in weight_map.values()})
         else:
             files = sorted(self.path.glob("*.safetensors"))
@@ -108,11 +437,28 @@ class CheckpointSource:
             raise ShardwiseError(f"{str(self.path)!r} has no safetensors weights{extra}")
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise ShardwiseError(f"the index lists files that are missing: {', '.join(missing)}")
+            where = f"{index}: the index lists files that are missing" if weight_map is not None else (
+                "checkpoint files are missing")
+            raise ShardwiseError(f"{where}: {', '.join(missing)}")
         self.files: list[Path] = files
         self.tensors: dict[str, TensorInfo] = {}
         for f in files:
-            self.tensors.update(read_header(f))
+            for name, info in read_header(f).items():
+                if name in self.tensors:
+                    raise ShardwiseError(f"tensor {_quote(name)} is in two checkpoint files: "
+                                         f"{self.tensors[name].file} and {f}")
+                self.tensors[name] = info
+        if weight_map is not None:
+            self._check_weight_map(index, weight_map)
+
+    def _check_weight_map(self, index: Path, weight_map: dict[str, str]) -> None:
+        """Every tensor the index places is in the file it names."""
+        for tensor, name in weight_map.items():
+            info = self.tensors.get(tensor)
+            if info is None or info.file != self.path / name:
+                found = f" (it is in {info.file.name})" if info is not None else ""
+                raise ShardwiseError(f"{index}: weight_map puts tensor {_quote(tensor)} in {name}, whose header "
+                                     f"has no such tensor{found}")
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """What the layout needs: name -> (shape, dtype)."""
@@ -235,6 +581,8 @@ class SliceReader:
     def source_view(self, name: str) -> torch.Tensor:
         """The whole source tensor as a view over the file (for small tensors and tests)."""
         info = self.source.tensors[name]
+        if info.end == info.begin:  # no elements: nothing to map (and a zero-length mapping is an error)
+            return torch.empty(0, dtype=DTYPES[info.dtype]).view(info.shape)
         shape = info.shape or (1,)
         _, view = self._map_rows(info, 0, shape[0])
         return view.view(info.shape)

@@ -261,17 +261,34 @@ def _parse(data: object, source: str, required: bool = True) -> Plan:
     if not isinstance(groups, list) or not all(isinstance(g, list) and all(isinstance(n, str) for n in g)
                                                for g in groups):
         raise ShardwiseError(f"{source}: `groups` is a list of lists of tensor names")
-    return Plan(rules, units, axes, source, sizes, tp, tuple(tuple(g) for g in groups), data.get("output"),
-                int(data.get("activation_rank", 3)), _parse_sequence(data.get("sequence_parallel"), source))
+    output = data.get("output")
+    if output is not None and not isinstance(output, str):
+        raise ShardwiseError(f"{source}: `output` is a module name, got {output!r}")
+    return Plan(rules, units, axes, source, sizes, tp, tuple(tuple(g) for g in groups), output,
+                _count(data.get("activation_rank", 3), source, "activation_rank"),
+                _parse_sequence(data.get("sequence_parallel"), source))
+
+
+def _count(value: object, source: str, key: str) -> int:
+    """A small non-negative integer field (YAML also yields floats, infinities, lists... for these)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise ShardwiseError(f"{source}: `{key}` must be an integer from 0 to 64, got {value!r}")
+    return value
+
+
+def _names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError
+    return tuple(value)
 
 
 def _parse_sequence(value: object, source: str) -> SequenceParallel | None:
     if value is None:
         return None
     try:
-        return SequenceParallel(int(value["dim"]), tuple(value["residual"]), tuple(value["norms"]),
-                                tuple((str(k), str(v)) for k, v in value["inputs"].items()),
-                                tuple(str(r) for r in value["rules"]))
+        return SequenceParallel(_count(value["dim"], source, "sequence_parallel.dim"), _names(value["residual"]),
+                                _names(value["norms"]), tuple((str(k), str(v)) for k, v in value["inputs"].items()),
+                                _names(value["rules"]))
     except (KeyError, TypeError, AttributeError, ValueError):
         raise ShardwiseError(f"{source}: `sequence_parallel` needs dim, residual, norms, inputs and rules") from None
 
