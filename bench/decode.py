@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+
+from shardwise.config import config_from_dict  # noqa: E402
+from shardwise.families import state_dict_shapes  # noqa: E402
+from shardwise.settings import free_port  # noqa: E402
 
 SECTION = "## Decode (bench/decode.py)"
 PROMPT = "Write a long, detailed essay about the history of the Roman Empire."
@@ -127,27 +130,11 @@ def ensure_synthetic_1b(cache: Path, dtype: torch.dtype = torch.bfloat16) -> Pat
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    hd = cfg.get("head_dim", h // cfg["num_attention_heads"])
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=gen) * 0.02).to(dtype)
-
-    state = {"model.embed_tokens.weight": rand(cfg["vocab_size"], h), "model.norm.weight": torch.ones(h, dtype=dtype)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        state.update({
-            p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
-            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
-            p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
-            p + "mlp.down_proj.weight": rand(h, inter),
-            p + "input_layernorm.weight": torch.ones(h, dtype=dtype),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype),
-        })
-    if not cfg.get("tie_word_embeddings", False):
-        state["lm_head.weight"] = rand(cfg["vocab_size"], h)
+    shapes = state_dict_shapes(config_from_dict(cfg))
+    # Norm weights of one, everything else small random values (as an initialised model has).
+    state = {name: torch.ones(shape, dtype=dtype) if name.endswith("norm.weight")
+             else (torch.randn(*shape, generator=gen) * 0.02).to(dtype) for name, (shape, _) in shapes.items()}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     del state
     cfg["torch_dtype"] = "bfloat16"
@@ -264,7 +251,7 @@ def hf_tp_worker(args: argparse.Namespace) -> None:
 def run_hf_tp(path: Path, dtype: str, tp: int, tokens: int, repeats: int, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "hf_tp.json"
-        cmd = ["torchrun", "--nproc-per-node", str(tp), "--master-port", str(_free_port()), __file__, "--hf-tp-worker",
+        cmd = ["torchrun", "--nproc-per-node", str(tp), "--master-port", str(free_port()), __file__, "--hf-tp-worker",
                "--model", str(path), "--dtype", dtype, "--tokens", str(tokens), "--repeats", str(repeats),
                "--ids", json.dumps(prompt_ids(path)), "--json", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, _cores() // tp))}
@@ -282,14 +269,8 @@ def run_hf_tp(path: Path, dtype: str, tp: int, tokens: int, repeats: int, timeou
         return {"error": lines[-1].strip() if lines else f"torchrun exit code {proc.returncode}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cores() -> int:
-    from shardwise.parallel.launch import usable_cores
+    from shardwise.settings import usable_cores
 
     return usable_cores()
 

@@ -45,6 +45,8 @@ sys.path.insert(0, str(ROOT / "src"))  # the worktree's shardwise, not an instal
 
 import torch  # noqa: E402
 
+from shardwise.settings import free_port  # noqa: E402
+
 DEFAULT_CONFIG = ROOT / "examples" / "configs" / "llama-3.2-1b" / "config.json"
 SECTION = "## Loading (bench/load.py)"
 RANK_METHODS = ["shard_on_load", "presharded", "hf_tp", "naive", "dcp"]
@@ -66,28 +68,11 @@ MiB = 1 << 20
 
 
 def llama_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of a Llama checkpoint, in the order transformers saves them."""
-    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    hd = cfg.get("head_dim") or h // heads
-    names = [("model.embed_tokens.weight", (vocab, h))]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        names += [
-            (p + "input_layernorm.weight", (h,)),
-            (p + "mlp.down_proj.weight", (h, inter)),
-            (p + "mlp.gate_proj.weight", (inter, h)),
-            (p + "mlp.up_proj.weight", (inter, h)),
-            (p + "post_attention_layernorm.weight", (h,)),
-            (p + "self_attn.k_proj.weight", (kv * hd, h)),
-            (p + "self_attn.o_proj.weight", (h, heads * hd)),
-            (p + "self_attn.q_proj.weight", (heads * hd, h)),
-            (p + "self_attn.v_proj.weight", (kv * hd, h)),
-        ]
-    names.append(("model.norm.weight", (h,)))
-    if not cfg.get("tie_word_embeddings", False):
-        names.append(("lm_head.weight", (vocab, h)))
-    return names
+    """Names and shapes of the checkpoint ``cfg`` implies, as the model's family knows them."""
+    from shardwise.config import config_from_dict
+    from shardwise.families import state_dict_shapes
+
+    return [(name, shape) for name, (shape, _) in state_dict_shapes(config_from_dict(cfg)).items()]
 
 
 def build_checkpoint(config_path: Path, out: Path, max_shard_bytes: int = 500_000_000) -> Path:
@@ -371,13 +356,11 @@ def _state_bytes(state: dict) -> int:
 
 
 def split_dim(name: str) -> int | None:
-    """The Megatron split of a Llama tensor: 0 column-parallel (and vocab), 1 row-parallel, None replicated."""
-    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight",
-                      "embed_tokens.weight", "lm_head.weight")):
-        return 0
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
-        return 1
-    return None
+    """The dimension the built-in plan splits over ``tensor`` (0 column-parallel and vocab, 1 row-parallel)."""
+    from shardwise.plan import TENSOR_AXIS, builtin_plan, spec_axes
+
+    spec = builtin_plan("llama").spec_for(name) or ()
+    return next((d for d, e in enumerate(spec) if TENSOR_AXIS in spec_axes(e)), None)
 
 
 def load_shard_on_load(rank: int, world: int, ckpt: Path, compiled: Path, threads: int) -> tuple[dict, int, dict]:
@@ -551,14 +534,14 @@ def run_ranks(method: str, world: int, ckpt: Path, compiled: Path, threads: int,
         start = time.perf_counter()
         if method == "hf_tp":  # transformers' TP wants torchrun
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                   "--master-port", str(_free_port()), *script]
+                   "--master-port", str(free_port()), *script]
             try:
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
                 return {"error": f"timed out after {timeout} s"}
             rc, text = proc.returncode, proc.stderr + proc.stdout
         else:  # the rank processes themselves, with torchrun's variables: shardwise.parallel.launch's torchrun path
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
                        LOCAL_WORLD_SIZE=str(world))
             logs = [tempfile.TemporaryFile(mode="w+") for _ in range(world)]
             procs = [subprocess.Popen([sys.executable, *script, "--launch"], env=dict(env, RANK=str(r),
@@ -587,14 +570,6 @@ def run_ranks(method: str, world: int, ckpt: Path, compiled: Path, threads: int,
             return {"error": (errs[-1] if errs else (lines[-1] if lines else f"exit {rc}"))[:500],
                     "stderr_tail": "\n".join(lines[-40:])}
         return {"seconds": max(r["seconds"] for r in ranks), "process_wall_s": wall, "ranks": ranks}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_entry(args: argparse.Namespace) -> None:

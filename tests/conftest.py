@@ -13,12 +13,18 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The tiny Llama: plan, capacity and topology tests use its config alone; it is also `gqa9_tied` below.
+TINY = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=101, hidden_size=72, intermediate_size=96,
+    num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True,
+    rms_norm_eps=1e-6, max_position_embeddings=256, torch_dtype="float32", bos_token_id=1, eos_token_id=2,
+)
+
+
 # name -> (config class name, kwargs). Each one exercises something the layout must get exactly right.
 TINY_MODELS = {
     # 9 heads / 3 KV heads like SmolLM2; vocab 101 divides by none of 2, 3, 4; tied embeddings.
-    "gqa9_tied": ("LlamaConfig", dict(vocab_size=101, hidden_size=72, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=9, num_key_value_heads=3, head_dim=8,
-                                      tie_word_embeddings=True)),
+    "gqa9_tied": ("LlamaConfig", {k: v for k, v in TINY.items() if k not in ("architectures", "model_type")}),
     # Untied, 8/2 heads, llama3 rope scaling, intermediate 100 (not divisible by 3 or 8).
     "llama3_rope": ("LlamaConfig", dict(vocab_size=128, hidden_size=64, intermediate_size=100, num_hidden_layers=2,
                                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
@@ -70,14 +76,6 @@ def smollm2() -> Path:
     except ShardwiseError as exc:
         pytest.skip(str(exc))
     return bundled_model_dir()
-
-
-# Fixtures for plan, capacity and topology tests: one tiny Llama, its config alone, and a tokenizer.
-TINY = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=101, hidden_size=72, intermediate_size=96,
-    num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True,
-    rms_norm_eps=1e-6, max_position_embeddings=256, torch_dtype="float32", bos_token_id=1, eos_token_id=2,
-)
 
 
 @pytest.fixture
@@ -138,12 +136,10 @@ def tiny_model_dir(tiny_checkpoint):
 def torchrun():
     """(torchrun executable, environment, a free loopback port) for tests that start real torchrun jobs."""
     import shutil
-    import socket
+
+    from shardwise.settings import free_port
 
     exe = shutil.which("torchrun")
     if exe is None:
         pytest.skip("torchrun not on PATH")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return exe, {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, port
+    return exe, {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, free_port()

@@ -637,7 +637,7 @@ def mutate_tree(rng: random.Random, data: object) -> tuple[object, str]:
         del node[key]
     elif isinstance(node, dict):
         node[rng.choice(["sizes", "axes", "units", "groups", "output", "activation_rank", "sequence_parallel",
-                         "tensor_parallel", "mesh", "sharding", "x", "model.norm.weight"])] = random_value(rng)
+                         "tp_splits", "mesh", "sharding", "x", "model.norm.weight"])] = random_value(rng)
     else:
         node.append(random_value(rng))
     return data, f"{action} at {path}"
@@ -685,6 +685,7 @@ def mutated_override(rng: random.Random) -> str:
 
 def plan_case(directory: Path, checkpoint: Path, rng: random.Random, i: int) -> tuple[str, Callable[[], str]]:
     from shardwise.engine import model_layout
+
     from shardwise.parallelize import check_runtime
     from shardwise.plan import resolve_plan
 
@@ -730,6 +731,7 @@ PLAN_CORPUS = [
 @pytest.mark.parametrize("line", PLAN_CORPUS)
 def test_plan_corpus(line, tiny_checkpoint, tmp_path):
     from shardwise.engine import model_layout
+
     from shardwise.plan import resolve_plan
 
     path = tmp_path / "plan.yaml"

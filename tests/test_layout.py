@@ -76,7 +76,7 @@ def _tensors(cfg):
 
 def test_layout_of_smollm2_at_tp2():
     cfg = config_from_dict(SMOL)
-    layout = compute_layout(_tensors(cfg), cfg, builtin_plan("llama"), Mesh.tensor_parallel(2))
+    layout = compute_layout(_tensors(cfg), cfg, builtin_plan("llama"), Mesh.tensor_only(2))
     q = layout.tensors["model.layers.0.self_attn.q_proj.weight"]
     assert [s.local_shape for s in q.shards] == [(6 * 64, 576), (6 * 64, 576)]
     assert q.shards[1].dims[0] == (Segment(6 * 64, 3 * 64), Segment(None, 3 * 64))
@@ -98,7 +98,7 @@ LLAMA_405B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
 
 def test_layout_needs_no_weights_for_405b():
     cfg = config_from_dict({**LLAMA_405B, "num_hidden_layers": 2})  # two layers suffice for the shapes
-    layout = compute_layout(_tensors(cfg), cfg, builtin_plan("llama"), Mesh.tensor_parallel(64))
+    layout = compute_layout(_tensors(cfg), cfg, builtin_plan("llama"), Mesh.tensor_only(64))
     k = layout.tensors["model.layers.1.self_attn.k_proj.weight"]
     assert all(s.local_shape == (128, 16384) for s in k.shards)  # one (replicated) KV head per rank
     q = layout.tensors["model.layers.1.self_attn.q_proj.weight"]
@@ -111,4 +111,4 @@ def test_plan_rule_that_matches_nothing_is_an_error():
     cfg = config_from_dict(SMOL)
     plan = builtin_plan("llama").with_overrides(["model.layers.*.self_attn.o_proj_weight=[null, tensor]"])
     with pytest.raises(ShardwiseError, match=r"o_proj_weight.*nearest real names: model.layers.\*.self_attn.o_proj"):
-        compute_layout(_tensors(cfg), cfg, plan, Mesh.tensor_parallel(2))
+        compute_layout(_tensors(cfg), cfg, plan, Mesh.tensor_only(2))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardwise.checkpoint import CAN_MAP, CheckpointSource, MapUnavailable
+from shardwise.checkpoint import CheckpointSource, MapUnavailable, can_map
 from shardwise.conformance import model_layout
 from shardwise.errors import ShardwiseError
 from shardwise.loader import load_rank_state
@@ -60,7 +60,7 @@ def mapped_file(tensor: torch.Tensor) -> str | None:
     return None
 
 
-@pytest.mark.skipif(not CAN_MAP, reason="this kernel cannot map pages in on request (MADV_POPULATE_READ)")
+@pytest.mark.skipif(not can_map(), reason="this kernel cannot map pages in on request (MADV_POPULATE_READ)")
 def test_presharded_tensors_are_private_views_of_the_rank_file(source, tmp_path):
     """Loaded from a rank file, tensors are its pages (nothing copied); writes stay in the process."""
     preshard(source, tmp_path / "c", 2, "float32")
@@ -241,7 +241,7 @@ def test_ctrl_c_stops_a_preshard_promptly(source, tmp_path):
 
 RSS_SCRIPT = """
 import resource, sys, torch
-from shardwise.checkpoint import CAN_MAP, CheckpointSource, MapUnavailable
+from shardwise.checkpoint import can_map, CheckpointSource, MapUnavailable
 from shardwise.conformance import model_layout
 from shardwise.loader import load_rank_state
 def rss(field):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardwise.checkpoint import CAN_MAP, CheckpointSource, MapUnavailable, SliceReader
+from shardwise.checkpoint import CheckpointSource, MapUnavailable, SliceReader, can_map
 from shardwise.config import load_config
 from shardwise.conformance import model_layout
 from shardwise.loader import load_rank_state
@@ -30,7 +30,7 @@ def test_each_rank_reads_only_its_slices(tiny_models, tp, map_all, monkeypatch):
         # The bytes this rank fetched are exactly its slices (padding is not read) ...
         expected = sum(t.shards[rank].source_numel * 4 for n, t in layout.tensors.items() if t.source == n)
         assert stats.bytes_read == expected
-        assert (stats.bytes_mapped > 0) == (map_all and CAN_MAP)
+        assert (stats.bytes_mapped > 0) == (map_all and can_map())
         # ... which is far less than the checkpoint: its share of split tensors plus the replicated ones.
         # (KV heads may be replicated when heads don't divide, hence the 2x allowance on the split share.)
         assert stats.bytes_read <= 2 * split_bytes / tp + replicated_bytes
@@ -92,7 +92,7 @@ def _contiguous_slice_bytes(layout, rank, itemsize):
     return total
 
 
-needs_mapping = pytest.mark.skipif(not CAN_MAP, reason="this kernel cannot map pages in on request")
+needs_mapping = pytest.mark.skipif(not can_map(), reason="this kernel cannot map pages in on request")
 
 
 @needs_mapping

@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import signal
-import socket
 import time
 import traceback
 
@@ -19,16 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from shardwise.settings import free_port
+
 pytestmark = pytest.mark.slow
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SLOT = 64 << 10  # small slots, so large tensors go through in several chunks
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, out_dir: str, body, args: tuple) -> None:
@@ -47,7 +42,7 @@ def _entry(rank: int, world: int, port: int, out_dir: str, body, args: tuple) ->
 
 def _spawn(body, world: int, tmp_path, args: tuple = (), deadline: float = 240.0) -> list[dict | None]:
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, str(tmp_path), body, args), daemon=True)
              for r in range(world)]
     for p in procs:

@@ -20,7 +20,7 @@ def config(*devices, connections=None, name="p0"):
 
 
 def test_parse_and_resolve_cpu_partition(monkeypatch):
-    monkeypatch.setattr(topology, "machine_cores", lambda: 8)
+    monkeypatch.setattr(topology, "usable_cores", lambda: 8)
     cfg = parse_partition_config(config((0, 2), (1, 2), (2, 1), (3, 3)), "pc.json")
     topo = resolve_topology(cfg)
     assert topo.world_size == 4 and topo.kind == "cpu"
@@ -29,7 +29,7 @@ def test_parse_and_resolve_cpu_partition(monkeypatch):
 
 
 def test_connections_decide_the_ring_link(monkeypatch):
-    monkeypatch.setattr(topology, "machine_cores", lambda: 8)
+    monkeypatch.setattr(topology, "usable_cores", lambda: 8)
     full = parse_partition_config(config((0, 1), (1, 1), (2, 1), connections=[{"devices": [0, 1, 2], "type": "p2p"}]))
     assert full.link(0, 2) == "p2p" and resolve_topology(full).link == "p2p"
     part = parse_partition_config(config((0, 1), (1, 1), (2, 1), connections=[{"devices": [0, 1], "type": "p2p"}]))
@@ -38,7 +38,7 @@ def test_connections_decide_the_ring_link(monkeypatch):
 
 
 def test_several_partitions_need_a_name(monkeypatch):
-    monkeypatch.setattr(topology, "machine_cores", lambda: 8)
+    monkeypatch.setattr(topology, "usable_cores", lambda: 8)
     data = {"partitions": [config((0, 1))["partitions"][0], {"name": "big", "devices": [
         {"deviceId": 1, "numCores": 1}, {"deviceId": 2, "numCores": 1}]}]}
     cfg = parse_partition_config(data, "pc.json")
@@ -82,7 +82,7 @@ def test_duplicate_partition_names_and_devices_across_partitions():
 
 
 def test_partition_larger_than_the_machine(monkeypatch):
-    monkeypatch.setattr(topology, "machine_cores", lambda: 2)
+    monkeypatch.setattr(topology, "usable_cores", lambda: 2)
     cfg = parse_partition_config(config((0, 1), (1, 1), (2, 1)), "pc.json")
     with pytest.raises(ShardwiseError, match="asks for 3 cores in all, but this process may use 2"):
         resolve_topology(cfg)
@@ -93,10 +93,10 @@ def test_partition_larger_than_the_machine(monkeypatch):
     assert topo.devices == ("cuda:1", "cuda:0") and topo.kind == "cuda"
 
 
-def test_real_machine_cores_are_the_affinity_set():
+def test_real_usable_cores_are_the_affinity_set():
     import os
 
-    assert topology.machine_cores() == len(os.sched_getaffinity(0))
+    assert topology.usable_cores() == len(os.sched_getaffinity(0))
 
 
 def test_load_errors(tmp_path):
@@ -133,7 +133,7 @@ def test_four_cpu_ranks_from_a_partition_config_match_hf(tiny_model_dir, tmp_pat
     The machine has 2 cores; the test pretends it has 4 so a 4 x 1-core partition is accepted (the
     ranks then share the 2 cores, which is slow but correct).
     """
-    monkeypatch.setattr(topology, "machine_cores", lambda: 4)
+    monkeypatch.setattr(topology, "usable_cores", lambda: 4)
     pc = tmp_path / "pc.json"
     pc.write_text(json.dumps(config((0, 1), (1, 1), (2, 1), (3, 1), connections=[{"devices": [0, 1, 2, 3],
                                                                                   "type": "p2p"}])))

@@ -19,10 +19,10 @@ from .config import ModelConfig, load_config
 from .dtypes import WEIGHT_DTYPES, canonical, safetensors_code, weight_dtype
 from .dtypes import itemsize as dtype_itemsize
 from .errors import ShardwiseError
-from .families import state_dict_shapes
+from .families import family, state_dict_shapes
 from .layout import Layout, compute_layout
 from .mesh import Mesh
-from .plan import TENSOR_AXIS, resolve_plan, spec_axes
+from .plan import TENSOR_AXIS, generic_name, resolve_plan, spec_axes
 from .topology import HOST, P2P, load_partition_config, ring_link
 
 # Assumed link figures for the collective-time estimate (override with --p2p-gbps etc.). They are
@@ -309,46 +309,39 @@ def estimate_capacity(
         memory = [total // n] * n
         memory_source = f"this machine's RAM ({total / GIB:.1f} GiB MemTotal in /proc/meminfo) / {n} ranks"
     devices = [f"cuda:{i}" for i in (device_ids or range(n))] if cuda else ["cpu"] * n
-    batch = _local_batch(layout, batch_size)
+    fam = family(config.family)
+    batch = _local_batch(layout, batch_size, fam.role("layer"))
     ranks = []
     for r in range(n):
         params = layout.rank_bytes(r, itemsize)
-        kv_rows = sum(_rows(layout, f"model.layers.{i}.self_attn.{p}.weight", r)
-                      for i in range(config.num_layers) for p in ("k_proj", "v_proj"))
+        kv_rows = sum(_rows(layout, fam.role(p, i), r) for i in range(config.num_layers) for p in ("k", "v"))
         kv = batch * seq_len * kv_rows * itemsize
         ranks.append(RankCapacity(r, devices[r], params, kv, _activation_bytes(layout, config, r, batch, seq_len,
                                                                             itemsize), memory[r]))
-    uncovered = sorted({_generic(u) for u in layout.uncovered})
+    uncovered = sorted({generic_name(u) for u in layout.uncovered})
     return CapacityReport(str(model_path), shapes_from, mesh, dtype_name, batch_size, seq_len, memory_source, ranks,
                       _collectives(layout, config, batch, itemsize), link, links, uncovered)
 
 
-def _local_batch(layout: Layout, batch: int) -> int:
+def _local_batch(layout: Layout, batch: int, layer: str) -> int:
     """The batch one rank carries: split if the plan splits decoder-layer outputs' batch dimension."""
     from .plan import Rule
 
     for pattern, spec in layout.activations.items():
         rule = Rule(pattern, spec)
-        if spec and spec[0] is not None and Rule(rule.module, ()).regex.match("model.layers.0"):
+        if spec and spec[0] is not None and Rule(rule.module, ()).regex.match(layer):
             return -(-batch // math.prod(layout.mesh.size(a) for a in spec_axes(spec[0])))
     return batch
-
-
-def _generic(name: str) -> str:
-    import re
-
-    return re.sub(r"\.\d+(?=\.|\Z)", ".*", name)
 
 
 def _activation_bytes(layout: Layout, config: ModelConfig, rank: int, batch: int, seq: int, itemsize: int) -> int:
     """Peak transient bytes of a prefill of ``batch x seq`` tokens; see ACTIVATION_NOTE."""
     tokens = batch * seq
-    p = "model.layers.0."
-    q = _rows(layout, p + "self_attn.q_proj.weight", rank)
-    kv = _rows(layout, p + "self_attn.k_proj.weight", rank)
-    inter = _rows(layout, p + "mlp.gate_proj.weight", rank)
+    fam = family(config.family)
+    p = fam.role("layer") + "."
+    q, kv, inter = (_rows(layout, fam.role(role), rank) for role in ("q", "k", "mlp_in"))
     heads = q // config.head_dim
-    vocab_local = _rows(layout, "lm_head.weight", rank)
+    vocab_local = _rows(layout, fam.role("output"), rank)
     hidden_states = tokens * itemsize * (4 * config.hidden_size + q + 2 * kv + 3 * inter)
     scores = batch * heads * seq * seq * itemsize + batch * seq * seq  # scores + boolean mask
     logits = batch * 4 * (vocab_local + config.vocab_size)
@@ -382,15 +375,15 @@ def _collectives(layout: Layout, config: ModelConfig, batch: int, itemsize: int)
         if storage and t.source == name:
             group = math.prod(mesh.size(a) for a in storage)
             gathered = math.prod(t.shards[0].local_shape) * group * itemsize
-            add("all-gather", gathered, f"{_generic(name)}: weight stored split over {'x'.join(storage)}", group)
+            add("all-gather", gathered, f"{generic_name(name)}: weight stored split over {'x'.join(storage)}", group)
         if not name.endswith(".weight") or len(t.shape) != 2 or tp == 1:
             continue
         module = name[: -len(".weight")]
         split = [d for d in t.split_dims if TENSOR_AXIS in spec_axes(t.spec[d])]
         if not split:
             continue
-        short = _generic(module)
-        if module.endswith("embed_tokens"):
+        short = generic_name(module)
+        if module == family(config.family).role("embedding"):
             if split == [0]:
                 add("all-reduce", token * t.shape[1], f"{short}: vocabulary-parallel lookup, summed")
             else:
@@ -404,7 +397,7 @@ def _collectives(layout: Layout, config: ModelConfig, batch: int, itemsize: int)
     for names, what in ((gather_out, "sequence-parallel output, gathered"), (gather_in, "sequence-parallel input, "
                                                                              "gathered")):
         for m in names:
-            add("all-gather", token * config.hidden_size * tp, f"{_generic(m)}: {what}")
+            add("all-gather", token * config.hidden_size * tp, f"{generic_name(m)}: {what}")
     return [Collective(kind, count, nbytes, what, group) for (kind, nbytes, what, group), count in counts.items()]
 
 

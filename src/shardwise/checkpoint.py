@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import mmap
@@ -34,22 +35,14 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from . import settings
+from .dtypes import SAFETENSORS_CODES, to_torch
 from .errors import ShardwiseError
 from .layout import Segment, ShardSlice
 from .untrusted import one_line, read_json
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# Safetensors codes shardwise reads (the dtypes table's), as torch dtypes, and back.
+DTYPES: dict[str, torch.dtype] = {code: to_torch(name) for code, name in SAFETENSORS_CODES.items()}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -544,7 +537,7 @@ class SliceReader:
 
     def mappable(self, source_name: str, shard: ShardSlice, dtype: torch.dtype) -> bool:
         """Whether ``map_slice`` serves this slice: a byte range of the file, large enough to be worth it."""
-        span = self.byte_range(source_name, shard, dtype) if CAN_MAP else None
+        span = self.byte_range(source_name, shard, dtype) if can_map() else None
         return span is not None and span[1] - span[0] >= max(1, self.MAP_MIN_BYTES)
 
     def copy_slice_to(self, source_name: str, span: tuple[int, int], dst_fd: int, dst_offset: int) -> None:
@@ -669,9 +662,10 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module has no name for it
 
 
-def _probe_populate_read() -> bool:
-    """Whether this kernel maps pages in on request (what ``map_populated`` relies on)."""
-    if os.environ.get("SHARDWISE_MAP_WEIGHTS", "1") == "0" or not hasattr(mmap, "MAP_PRIVATE"):
+@functools.cache
+def _kernel_populates() -> bool:
+    """Whether this kernel maps pages in on request (what ``map_populated`` relies on); probed once."""
+    if not hasattr(mmap, "MAP_PRIVATE"):
         return False
     try:
         probe = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -684,7 +678,10 @@ def _probe_populate_read() -> bool:
     return True
 
 
-CAN_MAP = _probe_populate_read()
+def can_map() -> bool:
+    """Whether weights are served as mappings of the checkpoint: the kernel can, and the user did not
+    turn it off (``SHARDWISE_MAP_WEIGHTS=0``, read on each call)."""
+    return settings.map_weights() and _kernel_populates()
 
 
 class MapUnavailable(Exception):
@@ -754,7 +751,7 @@ class Arena:
     def __init__(self, nbytes: int):
         self.nbytes = max(nbytes, 1)
         self._map = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE") and os.environ.get("SHARDWISE_HUGEPAGES") == "1":
+        if hasattr(mmap, "MADV_HUGEPAGE") and settings.hugepages():
             self._map.madvise(mmap.MADV_HUGEPAGE)
         self._used = 0
 

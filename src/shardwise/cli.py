@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from . import settings
 from .errors import ShardwiseError
 from .untrusted import one_line
 
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run"]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s shardwise: %(message)s")
-    debug = args.debug or os.environ.get("SHARDWISE_DEBUG") == "1"
+    debug = args.debug or settings.debug()
     if debug:
         os.environ["SHARDWISE_DEBUG"] = "1"  # ranks inherit it and keep their tracebacks for the report
     try:

@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from . import settings
 from .errors import ShardwiseError
 
 log = logging.getLogger("shardwise")
@@ -26,7 +27,7 @@ MARKER = "shardwise-conversion.json"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SHARDWISE_CACHE", Path.home() / ".cache" / "shardwise"))
+    return settings.cache_dir()
 
 
 def bundled_gguf() -> Path:

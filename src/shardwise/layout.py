@@ -10,7 +10,7 @@ column-parallel weight produce zeros that the matching padded columns of the row
 ignore, and padded vocabulary rows are cut from the gathered logits.
 
 The layout also refuses what the model cannot run. Over the ``tensor`` axis a tensor may be split only
-along dimensions the family plan's ``tensor_parallel`` table lists (norm weights, for one, are read whole
+along dimensions the family plan's ``tp_splits`` table lists (norm weights, for one, are read whole
 by every rank), tensors of one ``group`` (a layer's attention or MLP projections) are split together or
 not at all, and an uneven split is padded only where the table says padding is exact (``pad``);
 elsewhere the sizes must divide. Other axes (``fsdp``) only store a weight split, to be gathered when
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from .config import ModelConfig
 from .errors import ShardwiseError
 from .mesh import Mesh
-from .plan import TENSOR_AXIS, Plan, Rule, SequenceParallel, Spec, module_names, spec_axes
+from .plan import TENSOR_AXIS, Plan, Rule, SequenceParallel, Spec, generic_name, module_names, spec_axes
 
 log = logging.getLogger("shardwise")
 PAD_EXACT = ("padding is exact only for column-parallel output rows, row-parallel input columns, vocabulary rows "
@@ -262,7 +262,7 @@ def compute_layout(
     uncovered = tuple(n for n in layouts if not plan.covers(n))
     if uncovered:
         log.info("%d tensor(s) match no rule and are replicated on every rank: %s", len(uncovered),
-                 ", ".join(sorted({_generic(n) for n in uncovered})))
+                 ", ".join(sorted({generic_name(n) for n in uncovered})))
     return Layout(mesh, layouts, activations, uncovered, plan.output, sequence)
 
 
@@ -270,10 +270,6 @@ def _show(spec: Spec) -> str:
     def one(e):
         return "null" if e is None else e if isinstance(e, str) else "[" + ", ".join(e) + "]"
     return "[" + ", ".join(one(e) for e in spec) + "]"
-
-
-def _generic(name: str) -> str:
-    return re.sub(r"\.\d+(?=\.|\Z)", ".*", name)
 
 
 def _check_split(name: str, rule: Rule | None, spec: Spec, shape: tuple[int, ...], units, plan: Plan,
@@ -436,9 +432,6 @@ class Layout:
     uncovered: tuple[str, ...] = ()  # tensors no rule matches: replicated on every rank
     output: str | None = None  # the module whose output is always gathered (lm_head)
     sequence: SequenceParallel | None = None  # set when the plan turns sequence parallelism on
-
-    def for_rank(self, rank: int) -> dict[str, ShardSlice]:
-        return {name: t.shards[rank] for name, t in self.tensors.items()}
 
     def sequence_boundaries(self) -> tuple[list[str], list[str], list[str]]:
         """Where sequence parallelism moves data: (modules whose output is scattered by sequence, modules

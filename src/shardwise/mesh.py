@@ -27,7 +27,8 @@ class Mesh:
                 raise ShardwiseError(f"mesh: axis {name!r} has size {size}; it must be at least 1")
 
     @classmethod
-    def tensor_parallel(cls, tp_degree: int) -> Mesh:
+    def tensor_only(cls, tp_degree: int) -> Mesh:
+        """The mesh of plain tensor parallelism: one ``tensor`` axis of ``tp_degree`` ranks."""
         return cls(("tensor",), (int(tp_degree),))
 
     def describe(self) -> str:

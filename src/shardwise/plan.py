@@ -10,7 +10,7 @@ Stricter than torchprime: a rule that matches nothing is an error that names the
 names, and specs are checked against the mesh and the tensors (see ``layout.py``).
 
 Besides the rules, a built-in family plan carries *family knowledge* that user plans inherit:
-``units`` (the indivisible slot of a dimension, e.g. whole attention heads), ``tensor_parallel``
+``units`` (the indivisible slot of a dimension, e.g. whole attention heads), ``tp_splits``
 (which dimensions the model code can consume split over the ``tensor`` axis, and whether an uneven
 split may be padded exactly), ``groups`` (tensors that must be split over ``tensor`` together),
 ``output`` (the module whose output generation reads whole) and ``sequence_parallel`` (how
@@ -34,7 +34,7 @@ Spec = tuple[AxisEntry, ...]
 
 
 TENSOR_AXIS = "tensor"  # the axis the model code consumes split (parallel layers); --tp-degree sizes it
-SPLIT_KINDS = ("pad", "even")  # tensor_parallel entries: uneven splits padded exactly, or only equal parts
+SPLIT_KINDS = ("pad", "even")  # tp_splits entries: uneven splits padded exactly, or only equal parts
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class Plan:
     mesh_axes: tuple[str, ...] = (TENSOR_AXIS,)
     source: str = "<inline>"
     mesh_sizes: tuple[int, ...] | None = None  # None: --tp-degree (or the partition) sizes the `tensor` axis
-    tensor_parallel: tuple[tuple[str, tuple[str | None, ...]], ...] = ()  # family: consumable split dims
+    tp_splits: tuple[tuple[str, tuple[str | None, ...]], ...] = ()  # family: consumable split dims
     groups: tuple[tuple[str, ...], ...] = ()  # family: tensors split over `tensor` together or not at all
     output: str | None = None  # family: module whose output generation needs whole (lm_head)
     activation_rank: int = 3  # family: dimensions of a module output ([batch, seq, features])
@@ -140,7 +140,7 @@ class Plan:
 
     def splits_for(self, name: str) -> tuple[str | None, ...]:
         """Per dimension, how the model consumes ``name`` split over ``tensor``: pad, even or None (not)."""
-        return _lookup(self.tensor_parallel, name) or ()
+        return _lookup(self.tp_splits, name) or ()
 
     def with_family(self, family: Plan) -> Plan:
         """This plan's rules and mesh with ``family``'s units, consumable splits, groups and output."""
@@ -211,8 +211,8 @@ class Plan:
             rx = _compile(rule.module)
             if any(rx.match(m) for m in modules):
                 continue
-            candidates = sorted({_generic(n) for n in names} | {_generic(m) for m in modules})
-            close = difflib.get_close_matches(_generic(rule.module), candidates, 3, 0.6)
+            candidates = sorted({generic_name(n) for n in names} | {generic_name(m) for m in modules})
+            close = difflib.get_close_matches(generic_name(rule.module), candidates, 3, 0.6)
             hint = f"; nearest real names: {', '.join(close)}" if close else ""
             what = "module" if rule.output_index is not None else "tensor or module"
             raise ShardwiseError(f"{self.source}: rule {rule.pattern!r} matches no {what}{hint}")
@@ -234,11 +234,13 @@ def _lookup(table: tuple[tuple[str, tuple[str | None, ...]], ...], name: str) ->
     return None
 
 
-def _generic(name: str) -> str:
+def generic_name(name: str) -> str:
+    """A tensor or module name with its integer parts as ``*``: ``model.layers.3.mlp`` -> ``model.layers.*.mlp``,
+    the form plan rules are written in."""
     return re.sub(r"\.\d+(?=\.|\Z)", ".*", name)
 
 
-FAMILY_KEYS = ("units", "tensor_parallel", "groups", "output", "activation_rank", "sequence_parallel")
+FAMILY_KEYS = ("units", "tp_splits", "groups", "output", "activation_rank", "sequence_parallel")
 
 
 def _parse(data: object, source: str, required: bool = True) -> Plan:
@@ -256,7 +258,7 @@ def _parse(data: object, source: str, required: bool = True) -> Plan:
     rules = tuple(Rule(str(name), parse_spec(spec, f"{source}: {name}"), required) for name, spec in body.items())
     axes, sizes = _parse_mesh(data.get("mesh"), source)
     units = _table(data.get("units"), source, "units", ("heads", "kv_heads"))
-    tp = _table(data.get("tensor_parallel"), source, "tensor_parallel", SPLIT_KINDS)
+    tp = _table(data.get("tp_splits"), source, "tp_splits", SPLIT_KINDS)
     groups = data.get("groups") or []
     if not isinstance(groups, list) or not all(isinstance(g, list) and all(isinstance(n, str) for n in g)
                                                for g in groups):

@@ -39,7 +39,6 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import (
-    CAN_MAP,
     DTYPE_NAMES,
     DTYPES,
     Arena,
@@ -50,6 +49,7 @@ from .checkpoint import (
     _pread_exact,
     _pwrite_all,
     _scratch,
+    can_map,
     map_populated,
     read_header,
 )
@@ -518,7 +518,7 @@ def _read_rank_file(path: Path, dtype: torch.dtype, start: float) -> tuple[dict[
     fd = os.open(path, os.O_RDONLY)
     try:
         is_mapped = False
-        if CAN_MAP and end > begin:
+        if can_map() and end > begin:
             aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
             try:
                 mm = map_populated(fd, aligned, end - aligned)

@@ -11,11 +11,10 @@ import logging
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from .config import load_config
 from .conformance import model_layout
@@ -85,13 +84,6 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s shardwise: %(message)s", force=True)
 
 
-def _max_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[int]]], pad_id: int,
                eos: tuple[int, ...], result_path: str, devices: tuple[str, ...] | None = None) -> None:
     _setup_logging()
@@ -109,7 +101,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     sharded = load_sharded(source, opts.torch_dtype, plan, comm, device, progress=opts.progress and rank == 0,
                            compiled_model_path=opts.compiled_model_path, weights=weights, reshard=opts.reshard)
     comm.barrier()
-    shard_s, load_s = _max_over_ranks([sharded.stats.seconds, time.perf_counter() - t0])
+    shard_s, load_s = comm.max_over_ranks([sharded.stats.seconds, time.perf_counter() - t0])
     log.info("Done sharding weights in %.3f seconds", shard_s)
     log.info("Total model loading time: %.3f seconds", load_s)
     sampling = Sampling(opts.top_k, opts.top_p, opts.temperature, opts.seed)
@@ -162,14 +154,17 @@ def resolve_ranks(opts: RunOptions, config) -> tuple[Plan, Mesh, Topology | None
 
 
 def validate(opts: RunOptions):
-    """Everything that can be checked before starting a rank; returns (config, tokenizer, batches)."""
+    """Everything that can be checked before starting a rank.
+
+    Returns (options as the ranks get them, config, tokenizer, batches); ``opts`` itself is not changed.
+    """
     from .prompts import encode_prompts, load_tokenizer
 
     if opts.skip_sharding or opts.save_sharded_checkpoint:
         if not opts.compiled_model_path:
             raise ShardwiseError("--skip-sharding and --save-sharded-checkpoint need --compiled-model-path")
     if opts.skip_sharding and not Path(opts.model_path).exists():
-        opts.model_path = opts.compiled_model_path  # it carries config.json and the tokenizer
+        opts = replace(opts, model_path=opts.compiled_model_path)  # it carries config.json and the tokenizer
     config = load_config(opts.model_path)
     from .checkpoint import CheckpointSource
 
@@ -203,15 +198,15 @@ def validate(opts: RunOptions):
         if len(ids) >= opts.seq_len:
             raise ShardwiseError(f"prompt of {len(ids)} tokens leaves no room within --seq-len {opts.seq_len}")
     batches = [encoded[i:i + opts.batch_size] for i in range(0, len(encoded), opts.batch_size)]
-    return config, tokenizer, batches
+    longest = max(len(p) for b in batches for p in b)
+    opts = replace(opts, max_new_tokens=min(opts.max_new_tokens, opts.seq_len - longest))
+    return opts, config, tokenizer, batches
 
 
 def run(opts: RunOptions) -> RunResult:
     """Run the whole job; the Python equivalent of ``shardwise run``."""
     _setup_logging()
-    config, tokenizer, batches = validate(opts)
-    longest = max(len(p) for b in batches for p in b)
-    opts.max_new_tokens = min(opts.max_new_tokens, opts.seq_len - longest)
+    opts, config, tokenizer, batches = validate(opts)
     pad_id = opts.pad_token_id
     if pad_id is None:
         pad_id = config.pad_token_id if config.pad_token_id is not None else (tokenizer.pad_token_id or 0)

@@ -127,8 +127,8 @@ def load_sharded(
         # FSDP x TP: modules take their tensor-parallel shapes; pieces stored split are gathered on use.
         stored = {n: (t.shape, t.dtype) for n, t in layout.tensors.items() if t.source == n}
         tp_layout = compute_layout(stored, config, plan.without_axes(storage), mesh)
-        groups = axis_groups(mesh, comm.rank)
-        tp_comm = Collectives(groups.tensor)
+        groups = axis_groups(mesh, comm.rank, comm)
+        tp_comm = groups.tensor
         parallelize(model, tp_layout, comm.rank, tp_comm)
         assign_stored(model, state, layout, tp_layout, comm.rank, groups)
     else:

@@ -19,11 +19,11 @@ link figures for collective traffic.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ShardwiseError
+from .settings import usable_cores
 from .untrusted import read_json
 
 CONNECTION_TYPES = ("p2p",)
@@ -167,14 +167,6 @@ def load_partition_config(path: str | Path) -> PartitionConfig:
     return parse_partition_config(read_json(path, "partition config", object), str(path))
 
 
-def machine_cores() -> int:
-    """Cores this process may run on (its CPU affinity), which is what ranks can actually use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def cuda_device_count() -> int:
     import torch
 
@@ -194,7 +186,7 @@ def resolve_topology(config: PartitionConfig, device: str = "cpu", partition: st
     """Check the chosen partition fits this machine and return per-rank devices and threads."""
     part = config.partition(partition)
     total_cores = sum(d.num_cores for d in part.devices)
-    available = machine_cores()
+    available = usable_cores()
     if device.startswith("cuda"):
         count = cuda_device_count()
         missing = [d.device_id for d in part.devices if d.device_id >= count]

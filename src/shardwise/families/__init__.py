@@ -44,6 +44,9 @@ class Family:
     tied: Mapping[str, str] = field(default_factory=dict)  # parameter -> tensor it reuses when embeddings are tied
     output_kind: str = "logits"  # what the model's forward returns: logits, or hidden states (encoders)
     plan_text: Callable[[], str] | None = None  # the built-in plan; default: plan.yaml beside the family
+    # Where the capacity estimate finds what it sizes (`*` = a layer index): layer, q, k, v, mlp_in
+    # (a column-parallel MLP weight), embedding (module), output (the logits weight).
+    roles: Mapping[str, str] = field(default_factory=dict)
 
     def tied_sources(self, config: Any) -> dict[str, str]:
         """Parameters with no tensor of their own in the checkpoint, and the tensor each reuses."""
@@ -53,6 +56,12 @@ class Family:
         """The single-device model for ``config`` (on the current default device; the caller picks meta)."""
         module, _, cls = self.model.partition(":")
         return getattr(importlib.import_module(module), cls)(config)
+
+    def role(self, role: str, layer: int = 0) -> str:
+        """The tensor or module name that plays ``role`` (in layer ``layer``), e.g. ``q`` -> a q projection."""
+        if role not in self.roles:
+            raise ShardwiseError(f"the {self.name} family names no {role!r} tensor")
+        return self.roles[role].replace("*", str(layer))
 
     def builtin_plan_text(self) -> str:
         if self.plan_text is not None:

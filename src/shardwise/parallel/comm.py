@@ -15,11 +15,11 @@ the shared-memory path off, e.g. to compare against gloo.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.distributed as dist
 
+from .. import settings
 from . import shm
 
 log = logging.getLogger("shardwise")
@@ -29,8 +29,7 @@ def fast_collectives_wanted(fast: bool | None = None) -> bool:
     """The constructor flag if given, else ``SHARDWISE_FAST_COLLECTIVES`` (default on, x86-64 only)."""
     if fast is not None:
         return fast
-    env = os.environ.get("SHARDWISE_FAST_COLLECTIVES", "1").strip().lower()
-    return env not in ("0", "false", "no", "off", "") and shm.supported_platform()
+    return settings.fast_collectives() and shm.supported_platform()
 
 
 class Collectives:
@@ -88,7 +87,22 @@ class Collectives:
         if self.world_size > 1:  # not on a hot path: gloo's barrier (no busy waiting while ranks load)
             dist.barrier(group=self.group)
 
-    def close(self) -> None:
-        if self.shm is not None:
-            self.shm.close()
-            self.shm = None
+    def max_over_ranks(self, values: list[float]) -> list[float]:
+        """Element-wise maximum of every rank's ``values`` (e.g. the slowest rank's timings)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        return self.all_gather(t[None], dim=0).amax(0).tolist() if self.world_size > 1 else values
+
+    def subgroup(self, partition: list[list[int]], **options) -> Collectives:
+        """The collectives of this rank's part of ``partition`` (lists of global ranks covering the world).
+
+        Every rank must call it with the same partition, in the same order (torch.distributed creates
+        each group on all ranks).
+        """
+        mine = None
+        for ranks in partition:
+            group = dist.new_group(ranks)
+            if dist.get_rank() in ranks:
+                mine = group
+        if mine is None:
+            raise ValueError(f"rank {dist.get_rank()} is in no part of {partition}")
+        return Collectives(mine, **options)

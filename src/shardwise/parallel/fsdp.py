@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..layout import Layout, ShardSlice, TensorLayout
 from ..mesh import Mesh
 from ..plan import TENSOR_AXIS, spec_axes
+from .comm import Collectives
 
 
 def storage_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -34,13 +34,13 @@ def stored_split(t: TensorLayout) -> bool:
 
 @dataclass
 class AxisGroups:
-    tensor: dist.ProcessGroup  # ranks sharing every coordinate but `tensor`: the parallel layers' group
-    storage: dist.ProcessGroup  # ranks sharing the `tensor` coordinate: where stored pieces are gathered
+    tensor: Collectives  # ranks sharing every coordinate but `tensor`: the parallel layers' group
+    storage: Collectives  # ranks sharing the `tensor` coordinate: where stored pieces are gathered
     storage_ranks: tuple[int, ...]
 
 
-def axis_groups(mesh: Mesh, rank: int) -> AxisGroups:
-    """Create the tensor and storage process groups (every rank must call this, in the same order)."""
+def axis_groups(mesh: Mesh, rank: int, comm: Collectives) -> AxisGroups:
+    """Create the tensor and storage groups (every rank must call this, in the same order)."""
     others = [a for a in mesh.axis_names if a != TENSOR_AXIS]
 
     def partition(key) -> list[list[int]]:
@@ -51,13 +51,9 @@ def axis_groups(mesh: Mesh, rank: int) -> AxisGroups:
 
     tensor_key = lambda r: tuple(mesh.coordinate(r, a) for a in others)  # noqa: E731
     storage_key = (lambda r: (mesh.coordinate(r, TENSOR_AXIS),)) if TENSOR_AXIS in mesh.axis_names else (lambda r: ())
-    mine: dict[str, tuple[dist.ProcessGroup, list[int]]] = {}
-    for kind, key in (("tensor", tensor_key), ("storage", storage_key)):
-        for ranks in partition(key):
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                mine[kind] = (group, ranks)
-    return AxisGroups(mine["tensor"][0], mine["storage"][0], tuple(mine["storage"][1]))
+    storage = partition(storage_key)
+    return AxisGroups(comm.subgroup(partition(tensor_key)), comm.subgroup(storage),
+                      tuple(next(ranks for ranks in storage if rank in ranks)))
 
 
 def _placement(piece: ShardSlice, target: ShardSlice) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -86,15 +82,14 @@ def _placement(piece: ShardSlice, target: ShardSlice) -> tuple[list[torch.Tensor
 class StorageGather(nn.Module):
     """Parametrization: this rank's stored piece -> its tensor-parallel shard, by an all-gather."""
 
-    def __init__(self, group: dist.ProcessGroup, pieces: list[ShardSlice], target: ShardSlice):
+    def __init__(self, comm: Collectives, pieces: list[ShardSlice], target: ShardSlice):
         super().__init__()
-        self.group = group
+        self.comm = comm
         self.target_shape = target.local_shape
         self.maps = [_placement(p, target) for p in pieces]
 
     def forward(self, local: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(local) for _ in self.maps]
-        dist.all_gather(parts, local.contiguous(), group=self.group)
+        parts = self.comm.all_gather(local[None], dim=0).unbind(0)
         out = local.new_zeros(self.target_shape)
         for piece, (li, ti) in zip(parts, self.maps):
             if any(len(i) == 0 for i in li):

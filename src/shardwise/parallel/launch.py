@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -27,10 +26,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
+from .. import settings
 from ..errors import ShardwiseError
+from ..settings import free_port
 
 Worker = Callable[..., Any]
-COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("SHARDWISE_TIMEOUT", "600")))
 # Errors a rank reports when a *peer* went away; never the root cause of a failure.
 _PEER_LOSS = ("Connection reset", "Connection closed", "connection closed", "Broken pipe", "Socket Timeout")
 
@@ -39,22 +39,9 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def threads_per_rank(local_ranks: int) -> int:
     """Each local rank gets its share of the cores, so ranks never oversubscribe the machine."""
-    return max(1, usable_cores() // max(1, local_ranks))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return max(1, settings.usable_cores() // max(1, local_ranks))
 
 
 def default_backend(device: str) -> str:
@@ -68,7 +55,7 @@ def _rank_entry(local_rank: int, fn: Worker, world: int, start_rank: int, init_m
     _thread_lock_for_progress_bars()
     try:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                                timeout=COLLECTIVE_TIMEOUT)
+                                timeout=timedelta(seconds=settings.collective_timeout()))
         try:
             fn(rank, world, *args)
         finally:
@@ -77,7 +64,7 @@ def _rank_entry(local_rank: int, fn: Worker, world: int, start_rank: int, init_m
         internal = not isinstance(exc, (ShardwiseError, KeyboardInterrupt))
         text = f"internal error: {type(exc).__name__}: {exc}" if internal else str(exc)
         first_line = (text.strip().splitlines() or [type(exc).__name__])[0]
-        detail = traceback.format_exc() if os.environ.get("SHARDWISE_DEBUG") == "1" else ""
+        detail = traceback.format_exc() if settings.debug() else ""
         tmp = Path(error_dir) / f".rank{local_rank}"
         tmp.write_text(json.dumps({"time": time.monotonic(), "line": first_line, "internal": internal,
                                    "traceback": detail}))
@@ -115,7 +102,7 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo",
             raise ShardwiseError(f"torchrun started {world} ranks but --tp-degree is {world_size}")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(threads[rank] if threads is not None else threads_per_rank(local))
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(backend, timeout=timedelta(seconds=settings.collective_timeout()))
         try:
             fn(rank, world, *args)
         finally:
@@ -142,7 +129,7 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo",
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="shardwise-ranks-") as error_dir:
         context = mp.start_processes(_rank_entry,
-                                     args=(fn, world_size, start_rank, f"tcp://{address}:{port or _free_port()}",
+                                     args=(fn, world_size, start_rank, f"tcp://{address}:{port or free_port()}",
                                            backend, threads, args, error_dir),
                                      nprocs=local, start_method="spawn", join=False)
         try:

@@ -50,6 +50,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from .. import settings
 from ..errors import ShardwiseError
 
 MAGIC = 0x5348_4D57_4953_4531  # "SHMWISE1"
@@ -63,7 +64,7 @@ REDUCIBLE = {torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.
 
 
 def default_timeout() -> float:
-    return float(os.environ.get("SHARDWISE_SHM_TIMEOUT", os.environ.get("SHARDWISE_TIMEOUT", "600")))
+    return settings.shm_timeout()
 
 
 class ShmUnavailable(ShardwiseError):
@@ -111,7 +112,7 @@ class ShmCollectives:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.timeout = default_timeout() if timeout is None else float(timeout)
-        slot = slot_bytes or int(os.environ.get("SHARDWISE_SHM_SLOT_BYTES", DEFAULT_SLOT_BYTES))
+        slot = slot_bytes or settings.shm_slot_bytes(DEFAULT_SLOT_BYTES)
         self.slot_bytes = max(LINE, slot // LINE * LINE)
         self._data_off = LINE * (1 + 2 * self.world)
         size = self._data_off + 2 * self.world * self.slot_bytes
@@ -320,9 +321,6 @@ class ShmCollectives:
         if work is not x:
             x.copy_(work)
         return x
-
-    def barrier(self) -> None:
-        self._publish_and_wait(self._next(), "barrier")
 
 
 def agree_on_fast_path(wanted: bool, group: dist.ProcessGroup | None = None) -> bool:

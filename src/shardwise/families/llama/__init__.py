@@ -51,4 +51,8 @@ FAMILY = Family(
     state_dict_shapes=state_dict_shapes,
     model="shardwise.families.llama.model:LlamaForCausalLM",
     tied={"lm_head.weight": "model.embed_tokens.weight"},
+    roles={"layer": "model.layers.*", "q": "model.layers.*.self_attn.q_proj.weight",
+           "k": "model.layers.*.self_attn.k_proj.weight", "v": "model.layers.*.self_attn.v_proj.weight",
+           "mlp_in": "model.layers.*.mlp.gate_proj.weight", "embedding": "model.embed_tokens",
+           "output": "lm_head.weight"},
 )
