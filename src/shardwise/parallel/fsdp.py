@@ -89,7 +89,8 @@ class StorageGather(nn.Module):
         self.maps = [_placement(p, target) for p in pieces]
 
     def forward(self, local: torch.Tensor) -> torch.Tensor:
-        parts = self.comm.all_gather(local[None], dim=0).unbind(0)
+        with torch.inference_mode():  # the collectives reuse buffers made in inference mode (generation)
+            parts = self.comm.all_gather(local[None], dim=0).unbind(0)
         out = local.new_zeros(self.target_shape)
         for piece, (li, ti) in zip(parts, self.maps):
             if any(len(i) == 0 for i in li):
