@@ -38,6 +38,7 @@ import torch
 from . import settings
 from .dtypes import SAFETENSORS_CODES, to_torch
 from .errors import ShardwiseError
+from .fileio import bytes_of, copy_file_bytes, pread_exact, scratch
 from .layout import Segment, ShardSlice
 from .untrusted import one_line, read_json
 
@@ -618,14 +619,14 @@ class SliceReader:
                 with self._lock:
                     self.bytes_fetched += seg.length * row_bytes
                 if out.dtype == src_dtype:
-                    dst = _bytes_of(out.narrow(0, pos, seg.length))
-                    _pread_exact(fd, dst, info.begin + seg.start * row_bytes)
+                    dst = bytes_of(out.narrow(0, pos, seg.length))
+                    pread_exact(fd, dst, info.begin + seg.start * row_bytes)
                 else:
                     for first in range(0, seg.length, rows_per_chunk):
                         n = min(rows_per_chunk, seg.length - first)
-                        scratch = _scratch(n * row_bytes)[: n * row_bytes].view(src_dtype).view(n, *out.shape[1:])
-                        _pread_exact(fd, _bytes_of(scratch), info.begin + (seg.start + first) * row_bytes)
-                        out.narrow(0, pos + first, n).copy_(scratch)
+                        rows = scratch(n * row_bytes)[: n * row_bytes].view(src_dtype).view(n, *out.shape[1:])
+                        pread_exact(fd, bytes_of(rows), info.begin + (seg.start + first) * row_bytes)
+                        out.narrow(0, pos + first, n).copy_(rows)
             pos += seg.length
 
     def _copy_strided(self, info: TensorInfo, dims, out: torch.Tensor) -> None:
@@ -769,61 +770,6 @@ class Arena:
             shape, dtype=dtype)
         self._used += size
         return t.view(shape)
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous tensor's storage (any dtype, bfloat16 included)."""
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(nbytes: int, slot: str = "read") -> torch.Tensor:
-    """This thread's reusable buffer for ``slot`` (allocated once, so its pages are faulted in once)."""
-    buf = getattr(_SCRATCH, slot, None)
-    if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        setattr(_SCRATCH, slot, buf)
-    return buf
-
-
-def copy_file_bytes(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
-    """File to file with ``copy_file_range``: no trip through user memory (and no copy at all where the
-    file system shares blocks); plain reads and writes where the kernel or file system can't."""
-    if hasattr(os, "copy_file_range"):
-        try:
-            while count:
-                n = os.copy_file_range(src_fd, dst_fd, count, src_offset, dst_offset)
-                if n <= 0:
-                    raise ShardwiseError(f"unexpected end of file at byte {src_offset}: "
-                                         "the checkpoint file is truncated")
-                src_offset, dst_offset, count = src_offset + n, dst_offset + n, count - n
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-    buf = _scratch(min(count, 32 << 20), "copy")
-    while count:
-        n = min(count, buf.numel())
-        view = _bytes_of(buf[:n])
-        _pread_exact(fd=src_fd, buf=view, offset=src_offset)
-        _pwrite_all(dst_fd, view, dst_offset)
-        src_offset, dst_offset, count = src_offset + n, dst_offset + n, count - n
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
-def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
-    while len(buf):
-        n = os.preadv(fd, [buf], offset)
-        if n <= 0:
-            raise ShardwiseError(f"unexpected end of file at byte {offset}: the checkpoint file is truncated")
-        buf, offset = buf[n:], offset + n
 
 
 def _block_pairs(dims: tuple) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:

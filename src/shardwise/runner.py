@@ -18,7 +18,7 @@ import torch
 
 from .config import load_config
 from .conformance import model_layout
-from .dtypes import resolve_dtype
+from .dtypes import name_of, resolve_dtype
 from .errors import ShardwiseError
 from .generation import Generated, Sampling, generate
 from .mesh import Mesh
@@ -219,7 +219,7 @@ def run(opts: RunOptions) -> RunResult:
              else f"mesh {mesh.describe()}")
     log.info("Model %s: %d layers, %d heads (%d KV), vocab %d; %s, %s, threads per rank %s",
              config.architecture, config.num_layers, config.num_heads, config.num_kv_heads, config.vocab_size,
-             where, str(dtype).replace("torch.", ""), ",".join(map(str, threads)))
+             where, name_of(dtype), ",".join(map(str, threads)))
     if opts.save_sharded_checkpoint:
         from .presharded import preshard
 
@@ -263,7 +263,7 @@ def run(opts: RunOptions) -> RunResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         report = {
             "model": str(opts.model_path), "architecture": config.architecture, "tp_degree": world,
-            "torch_dtype": str(dtype).replace("torch.", ""), "batch_size": opts.batch_size,
+            "torch_dtype": name_of(dtype), "batch_size": opts.batch_size,
             "threads_per_rank": data["threads_per_rank"], "iterations": opts.benchmark_iterations,
             "load_seconds": data["load_seconds"], "shard_seconds": data["shard_seconds"],
             "prefill_tokens_per_second": data["prefill_tokens_per_second"],
