@@ -191,3 +191,44 @@ def test_bug_in_the_parent_is_one_line(tmp_path, monkeypatch, capsys):
                    "traceback)"]
     with pytest.raises(ZeroDivisionError):
         cli.main(["plan", "--model-path", str(tmp_path), "--debug"])
+
+
+@pytest.mark.slow
+def test_presharded_checkpoint_knows_its_own_shape(tmp_path, tiny_model_dir):
+    """--skip-sharding without --tp-degree runs at the TP degree the files were made for; a different one
+    without --reshard is refused, naming both."""
+    compiled = tmp_path / "compiled"
+    proc = shardwise("shard", "--model-path", str(tiny_model_dir), "--compiled-model-path", str(compiled),
+                     "--tp-degree", "3")
+    assert proc.returncode == 0, proc.stderr
+    common = ("run", "--compiled-model-path", str(compiled), "--skip-sharding", "--max-new-tokens", "3",
+              "--no-chat-template", "--prompt", "w3 w4 w5")
+    ran = shardwise(*common)
+    assert ran.returncode == 0, ran.stderr
+    assert "mesh tensor=3" in ran.stderr and "Output:" in ran.stdout
+    resliced = shardwise(*common, "--reshard")  # nothing to re-slice: still the files' own TP 3
+    assert resliced.returncode == 0 and "mesh tensor=3" in resliced.stderr, resliced.stderr
+    assert_one_line_error(shardwise(*common, "--tp-degree", "2"),
+                          "the TP degree changed (files are for tensor 3, asked for tensor 2)")
+
+
+def test_shard_into_a_regular_file_is_one_line(tmp_path, tiny_models):
+    target = tmp_path / "not-a-dir"
+    target.write_text("precious")
+    proc = shardwise("shard", "--model-path", str(tiny_models["gqa9_tied"]), "--compiled-model-path", str(target))
+    assert_one_line_error(proc, "not a directory")
+    assert target.read_text() == "precious"
+
+
+def test_bad_environment_setting_is_one_line(tiny_models):
+    import os
+
+    env_proc = subprocess.run([sys.executable, "-m", "shardwise", "plan", "--model-path",
+                               str(tiny_models["gqa9_tied"])], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "SHARDWISE_MAP_WEIGHTS": "maybe", "HF_HUB_OFFLINE": "1"})
+    # `plan` maps nothing, so the setting is not read; `run` reads it and says what is wrong with it.
+    assert env_proc.returncode == 0, env_proc.stderr
+    run_proc = subprocess.run([sys.executable, "-m", "shardwise", "run", "--model-path",
+                               str(tiny_models["gqa9_tied"]), "--max-new-tokens", "1"], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "SHARDWISE_MAP_WEIGHTS": "maybe", "HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(run_proc, "SHARDWISE_MAP_WEIGHTS='maybe'")

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--skip-sharding", action="store_true",
          help="load the pre-sharded files in --compiled-model-path (refused if stale); without this flag or "
               "--save-sharded-checkpoint, a valid pre-sharded checkpoint is used when present")
+    run.add_argument("--verify", choices=["auto", "full", "header"], default="auto",
+                     help="how pre-sharded files are checked against their source: content hashes re-taken only when "
+                          "a source file's identity changed (auto), always (full), or names and shapes only (header)")
     _add(run, "--reshard", action="store_true",
          help="accept pre-sharded files made at another TP degree and re-slice them (no source needed)")
 
@@ -84,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
                        help="override one plan rule")
     _add_preshard_flags(shard, required=True)
+    shard.add_argument("--verify", choices=["auto", "full"], default="auto",
+                       help="source hashes taken on an earlier run are reused while the files' identity (size, "
+                            "times, inode) is unchanged (auto), or always recomputed (full)")
     shard.add_argument("--fsync", action="store_true",
                        help="fsync each rank file before it is renamed into place (survives power loss; slower)")
     _add(run, "--partition-config", default=None,
@@ -155,7 +161,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     logging.getLogger("shardwise").info("Sharding weights for ranks: %d...%d", args.start_rank_id,
                                         args.start_rank_id + local - 1)
     stats = preshard(model_path, args.compiled_model_path, args.tp_degree, args.torch_dtype, plan,
-                     args.start_rank_id, args.local_ranks_size, progress=sys.stderr.isatty(), durable=args.fsync)
+                     args.start_rank_id, args.local_ranks_size, progress=sys.stderr.isatty(), durable=args.fsync,
+                     verify=args.verify)
     logging.getLogger("shardwise").info("Done sharding weights in %.3f seconds", stats.seconds)
     print(f"wrote ranks {stats.ranks_written or 'none'}, kept valid ranks {stats.ranks_skipped or 'none'}: "
           f"{stats.bytes_written / 1e6:.1f} MB in {stats.seconds:.2f} s")
@@ -180,7 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         sharding_config=args.sharding_config, overrides=args.overrides, device=args.device,
         progress=sys.stderr.isatty(), compiled_model_path=args.compiled_model_path,
         save_sharded_checkpoint=args.save_sharded_checkpoint, skip_sharding=args.skip_sharding, reshard=args.reshard,
-        start_rank_id=args.start_rank_id, local_ranks_size=args.local_ranks_size,
+        verify=args.verify, start_rank_id=args.start_rank_id, local_ranks_size=args.local_ranks_size,
         partition_config=args.partition_config, partition=args.partition,
         sequence_parallel=args.sequence_parallel_enabled,
     )
@@ -224,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s shardwise: %(message)s")
     debug = args.debug or settings.debug()
+    saved_debug = os.environ.get("SHARDWISE_DEBUG")
     if debug:
         os.environ["SHARDWISE_DEBUG"] = "1"  # ranks inherit it and keep their tracebacks for the report
     try:
@@ -251,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
               "(a bug in shardwise; --debug shows the traceback)", file=sys.stderr)
         return 1
     finally:
+        if saved_debug is None:  # main() may be called in a process that goes on (tests, notebooks)
+            os.environ.pop("SHARDWISE_DEBUG", None)
+        else:
+            os.environ["SHARDWISE_DEBUG"] = saved_debug
         logging.shutdown()
 
 if __name__ == "__main__":

@@ -89,13 +89,15 @@ from .checkpoint import (
     read_header,
 )
 from .config import ModelConfig, config_from_dict, load_config
+from .conformance import model_layout
 from .dtypes import WEIGHT_DTYPES, name_of, resolve_dtype
 from .errors import ShardwiseError
 from .fileio import bytes_of, pread_exact, pwrite_all, scratch
-from .layout import Layout, check_mesh, compute_layout
+from .layout import Layout, compute_layout
 from .loader import LoadStats
 from .mesh import Mesh
 from .plan import TENSOR_AXIS, Plan, Rule, resolve_plan
+from .untrusted import read_json
 
 log = logging.getLogger("shardwise")
 FORMAT = "shardwise-presharded"
@@ -512,7 +514,7 @@ def build_manifest(source: CheckpointSource, config: ModelConfig, plan: Plan, la
             "source_identity": {"host": _host(), "files": identities or {}},
             "source_path": str(source.path.resolve()), "plan": _plan_dict(plan, list(layout.tensors)),
             "config": config.raw,
-            "tensors": {n: [list(s), d] for n, (s, d) in source.shapes().items()}}
+            "tensors": {n: [list(t.shape), t.dtype] for n, t in layout.tensors.items() if t.source == n}}
 
 
 def _differences(found: dict, expected: dict) -> list[str]:
@@ -629,6 +631,11 @@ def _manifest_problem(data) -> str | None:
     return None
 
 
+def has_manifest(compiled: str | Path) -> bool:
+    """Whether ``compiled`` has a manifest file at all (valid or not)."""
+    return (Path(compiled) / WEIGHTS / MANIFEST).is_file()
+
+
 def read_manifest(compiled: str | Path) -> dict | None:
     """The manifest of the pre-sharded checkpoint at ``compiled``; None if there is none.
 
@@ -639,16 +646,9 @@ def read_manifest(compiled: str | Path) -> dict | None:
     path = compiled / WEIGHTS / MANIFEST
     if compiled.exists() and not compiled.is_dir():
         raise ShardwiseError(f"{str(compiled)!r} is not a directory (a pre-sharded checkpoint is a directory)")
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    if not has_manifest(compiled):
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ShardwiseError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise ShardwiseError(f"{path} is not valid JSON ({exc}); re-shard to rewrite it") from None
+    data = read_json(path, "the pre-sharded checkpoint's manifest", object)
     version = data.get("version") if isinstance(data, dict) and data.get("format") == FORMAT else None
     if _is_int(version) and version != VERSION:
         age = "an older" if version < VERSION else "a newer"
@@ -699,6 +699,15 @@ def presharded_mesh(compiled: str | Path) -> Mesh:
     if manifest is None:
         raise ShardwiseError(f"no pre-sharded checkpoint at {str(compiled)!r} (run `shardwise shard` first)")
     return Mesh(tuple(manifest["mesh"]["axes"]), tuple(manifest["mesh"]["sizes"]))
+
+
+def presharded_plan(compiled: str | Path) -> Plan:
+    """The sharding plan the pre-sharded checkpoint at ``compiled`` was made with (its weight rules)."""
+    manifest = read_manifest(compiled)
+    if manifest is None:
+        raise ShardwiseError(f"no pre-sharded checkpoint at {str(compiled)!r} (run `shardwise shard` first)")
+    with _from_manifest(manifest):
+        return _plan_from_dict(manifest["plan"], _manifest_config(manifest).family)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -916,10 +925,8 @@ def preshard(
     config = load_config(model_path)
     torch_dtype = resolve_dtype(dtype, config)
     plan = plan or resolve_plan(config.family)
-    mesh = plan.mesh(tp_degree)
-    check_mesh(config, mesh)
     source = CheckpointSource(model_path)
-    layout = compute_layout(source.shapes(), config, plan, mesh)
+    layout = model_layout(model_path, plan=plan, config=config, source=source, mesh=plan.mesh(tp_degree))
     ranks = _rank_range(tp_degree, start_rank, local_ranks)
     compiled = Path(compiled_model_path)
     weights = _weights_dir(compiled)
@@ -988,15 +995,26 @@ def _rank_range(tp_degree: int, start_rank: int, local_ranks: int | None) -> ran
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def check_presharded(compiled: str | Path, tp_degree: int | None = None, dtype: str | torch.dtype = "auto",
-                     model_path: str | Path | None = None, plan: Plan | None = None,
-                     verify: str = "auto") -> tuple[dict, list[str]]:
-    """The manifest and the list of reasons it cannot be used as is (empty: it can).
+@dataclass(frozen=True)
+class PreshardedCheck:
+    """What checking a pre-sharded checkpoint found: its manifest, what is wrong with it for the request
+    (empty: nothing), and the config and layout at the requested TP degree, so loading needs neither
+    again."""
 
-    ``tp_degree=None``: the TP degree the files were made for. With ``model_path`` the source is
-    compared with what the files were made from, its content checked per ``verify`` (see the module
-    docstring: ``"auto"``, ``"full"`` or ``"header"``).
-    """
+    manifest: dict
+    problems: list[str]
+    config: ModelConfig
+    layout: Layout
+
+    @property
+    def tp_changed(self) -> bool:
+        return any(p.startswith("the TP degree changed") for p in self.problems)
+
+
+def inspect_presharded(compiled: str | Path, tp_degree: int | None = None, dtype: str | torch.dtype = "auto",
+                       model_path: str | Path | None = None, plan: Plan | None = None,
+                       verify: str = "auto") -> PreshardedCheck:
+    """Check a pre-sharded checkpoint against a request (see ``check_presharded``), keeping the layout."""
     if verify not in VERIFY_LEVELS:
         raise ShardwiseError(f"verify must be one of {', '.join(VERIFY_LEVELS)}, not {verify!r}")
     manifest = read_manifest(compiled)
@@ -1008,7 +1026,8 @@ def check_presharded(compiled: str | Path, tp_degree: int | None = None, dtype: 
         config = load_config(model_path)
         source = CheckpointSource(model_path)
         plan = plan or resolve_plan(config.family)
-        layout = compute_layout(source.shapes(), config, plan, _mesh_for(plan, tp_degree, manifest))
+        layout = model_layout(model_path, plan=plan, config=config, source=source,
+                              mesh=_mesh_for(plan, tp_degree, manifest))
         entries = _verified_entries(source.files, manifest, Path(compiled) / WEIGHTS, verify)
         expected = build_manifest(source, config, plan, layout, torch_dtype, entries)
     else:  # no source at hand: check what was asked against what the files were made with
@@ -1019,7 +1038,20 @@ def check_presharded(compiled: str | Path, tp_degree: int | None = None, dtype: 
         expected = {**manifest, "plan_sha256": _digest(_plan_dict(plan, list(layout.tensors))),
                     "dtype": name_of(torch_dtype),
                     "mesh": {"axes": list(layout.mesh.axis_names), "sizes": list(layout.mesh.axis_sizes)}}
-    return manifest, _differences(manifest, expected)
+    return PreshardedCheck(manifest, _differences(manifest, expected), config, layout)
+
+
+def check_presharded(compiled: str | Path, tp_degree: int | None = None, dtype: str | torch.dtype = "auto",
+                     model_path: str | Path | None = None, plan: Plan | None = None,
+                     verify: str = "auto") -> tuple[dict, list[str]]:
+    """The manifest and the list of reasons it cannot be used as is (empty: it can).
+
+    ``tp_degree=None``: the TP degree the files were made for. With ``model_path`` the source is
+    compared with what the files were made from, its content checked per ``verify`` (see the module
+    docstring: ``"auto"``, ``"full"`` or ``"header"``).
+    """
+    check = inspect_presharded(compiled, tp_degree, dtype, model_path, plan, verify)
+    return check.manifest, check.problems
 
 
 def require_usable(compiled: str | Path, tp_degree: int | None = None, dtype: str | torch.dtype = "auto",
@@ -1030,8 +1062,17 @@ def require_usable(compiled: str | Path, tp_degree: int | None = None, dtype: st
     Returns the manifest and whether the files must be re-sliced for another TP degree
     (``tp_degree=None``: the files' own, never re-sliced). ``verify``: see ``check_presharded``.
     """
+    check = require_usable_check(compiled, tp_degree, dtype, model_path, reshard, plan, verify)
+    return check.manifest, check.tp_changed
+
+
+def require_usable_check(compiled: str | Path, tp_degree: int | None = None, dtype: str | torch.dtype = "auto",
+                         model_path: str | Path | None = None, reshard: bool = False, plan: Plan | None = None,
+                         verify: str = "auto", check: PreshardedCheck | None = None) -> PreshardedCheck:
+    """``require_usable``, keeping what the check found (``check``: one already made for this request)."""
     compiled = Path(compiled)
-    manifest, problems = check_presharded(compiled, tp_degree, dtype, model_path, plan, verify)
+    check = check or inspect_presharded(compiled, tp_degree, dtype, model_path, plan, verify)
+    manifest, problems = check.manifest, check.problems
     tp_changed = [p for p in problems if p.startswith("the TP degree changed")]
     if problems and not (reshard and problems == tp_changed):
         hint = (f"re-shard with `shardwise shard --model-path SRC --compiled-model-path {compiled}`"
@@ -1042,7 +1083,7 @@ def require_usable(compiled: str | Path, tp_degree: int | None = None, dtype: st
         if not rank_file_valid(rank_file(compiled, r), manifest["key"]):
             raise ShardwiseError(f"pre-sharded checkpoint at {str(compiled)!r} is incomplete: rank {r}'s file is "
                                  "missing or partial; run `shardwise shard` again to finish it")
-    return manifest, bool(tp_changed)
+    return check
 
 
 def presharded_layout(manifest: dict, tp_degree: int | None = None) -> tuple[ModelConfig, Layout]:
@@ -1063,17 +1104,19 @@ def load_presharded_state(
     reshard: bool = False,
     plan: Plan | None = None,
     verify: str = "auto",
+    check: PreshardedCheck | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadStats]:
     """This rank's state dict from pre-sharded files, refusing stale ones.
 
     With ``reshard=True``, files made at another TP degree are re-sliced for ``tp_degree`` from the
     rank files alone (no source checkpoint needed); other differences are still refused.
     ``tp_degree=None`` loads at the TP degree the files were made for; ``verify``: see
-    ``check_presharded``.
+    ``check_presharded``; ``check``, one ``inspect_presharded`` already made for this request.
     """
     start = time.perf_counter()
     compiled = Path(compiled_model_path)
-    manifest, tp_changed = require_usable(compiled, tp_degree, dtype, model_path, reshard, plan, verify)
+    check = require_usable_check(compiled, tp_degree, dtype, model_path, reshard, plan, verify, check)
+    manifest, tp_changed = check.manifest, check.tp_changed
     old_world = math.prod(manifest["mesh"]["sizes"])
     world = tp_degree if tp_changed and tp_degree is not None else old_world
     if not 0 <= rank < world:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import settings
 from .config import load_config
 from .conformance import model_layout
 from .dtypes import name_of, resolve_dtype
@@ -25,7 +26,7 @@ from .mesh import Mesh
 from .parallel.comm import Collectives
 from .parallel.launch import default_backend, launch, threads_per_rank
 from .parallelize import check_runtime
-from .plan import Plan, resolve_plan
+from .plan import TENSOR_AXIS, Plan, resolve_plan
 from .sharded_model import load_sharded
 from .topology import Topology, load_partition_config, resolve_topology
 
@@ -64,6 +65,7 @@ class RunOptions:
     save_sharded_checkpoint: bool = False
     skip_sharding: bool = False
     reshard: bool = False
+    verify: str = "auto"  # how a pre-sharded checkpoint's source is checked: auto, full or header
     start_rank_id: int = 0
     local_ranks_size: int | None = None
 
@@ -94,12 +96,12 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)
     comm = Collectives()
-    plan = resolve_plan(load_config(opts.model_path).family, opts.sharding_config, opts.overrides,
-                        opts.sequence_parallel)
+    plan, _, _ = resolve_ranks(opts, load_config(opts.model_path))
     weights = "presharded" if opts.skip_sharding or opts.save_sharded_checkpoint else "auto"
     source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path or "") else None
     sharded = load_sharded(source, opts.torch_dtype, plan, comm, device, progress=opts.progress and rank == 0,
-                           compiled_model_path=opts.compiled_model_path, weights=weights, reshard=opts.reshard)
+                           compiled_model_path=opts.compiled_model_path, weights=weights, reshard=opts.reshard,
+                           verify=opts.verify)
     comm.barrier()
     shard_s, load_s = comm.max_over_ranks([sharded.stats.seconds, time.perf_counter() - t0])
     log.info("Done sharding weights in %.3f seconds", shard_s)
@@ -138,18 +140,31 @@ def resolve_ranks(opts: RunOptions, config) -> tuple[Plan, Mesh, Topology | None
     """The plan, the mesh to run on and, with a partition config, the devices and threads of its ranks.
 
     A partition config decides the world size; the plan's mesh sizes or ``--tp-degree`` must agree
-    with it. Without either, the plan's mesh sizes decide, else ``--tp-degree`` (default 2).
+    with it. Without either, the plan's mesh sizes decide, else ``--tp-degree`` (default 2). A
+    pre-sharded checkpoint loaded with ``--skip-sharding`` knows its own plan and TP degree: they are
+    the defaults then.
     """
     topology = None
     if opts.partition_config:
         topology = resolve_topology(load_partition_config(opts.partition_config), opts.device, opts.partition)
     elif opts.partition:
         raise ShardwiseError("--partition needs --partition-config")
-    plan = resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel)
+    own_plan = opts.skip_sharding and not (opts.sharding_config or opts.overrides or opts.sequence_parallel)
+    if own_plan:
+        from .presharded import presharded_plan
+
+        plan = presharded_plan(opts.compiled_model_path)
+    else:
+        plan = resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel)
     world = topology.world_size if topology else None
     tp = opts.tp_degree
     if tp is None and world is None and plan.mesh_sizes is None:
-        tp = 2
+        if opts.skip_sharding:
+            from .presharded import presharded_mesh
+
+            tp = presharded_mesh(opts.compiled_model_path).size(TENSOR_AXIS)
+        else:
+            tp = 2
     return plan, plan.mesh(tp, world), topology
 
 
@@ -160,6 +175,7 @@ def validate(opts: RunOptions):
     """
     from .prompts import encode_prompts, load_tokenizer
 
+    settings.check_all()
     if opts.skip_sharding or opts.save_sharded_checkpoint:
         if not opts.compiled_model_path:
             raise ShardwiseError("--skip-sharding and --save-sharded-checkpoint need --compiled-model-path")
@@ -186,7 +202,8 @@ def validate(opts: RunOptions):
         from .presharded import require_usable
 
         source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path) else None
-        require_usable(opts.compiled_model_path, mesh.world_size, opts.torch_dtype, source, opts.reshard, plan)
+        require_usable(opts.compiled_model_path, mesh.world_size, opts.torch_dtype, source, opts.reshard, plan,
+                       opts.verify)
     tokenizer = load_tokenizer(opts.model_path)
     encoded = encode_prompts(tokenizer, opts.prompts, opts.chat_template)
     for text, ids in zip(opts.prompts, encoded):
@@ -225,7 +242,7 @@ def run(opts: RunOptions) -> RunResult:
 
         log.info("Pre-sharding weights to %s", Path(opts.compiled_model_path) / "weights")
         stats = preshard(opts.model_path, opts.compiled_model_path, world, opts.torch_dtype, plan,
-                         opts.start_rank_id, opts.local_ranks_size)
+                         opts.start_rank_id, opts.local_ranks_size, verify="full" if opts.verify == "full" else "auto")
         log.info("Done pre-sharding ranks %s in %.3f seconds (kept %s)", stats.ranks_written or "none",
                  stats.seconds, stats.ranks_skipped or "none")
     devices = topology.devices if topology else None

@@ -84,6 +84,11 @@ def cache_dir() -> Path:
     return Path(value) if value else Path.home() / ".cache" / "shardwise"
 
 
+def check_all() -> None:
+    """Read every setting once, so a bad value is refused before any rank starts."""
+    debug(), shm_timeout(), shm_slot_bytes(1), fast_collectives(), map_weights(), hugepages()
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity, where the platform has one)."""
     try:

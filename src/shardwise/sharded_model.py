@@ -74,21 +74,29 @@ def load_sharded(
     compiled_model_path: str | Path | None = None,
     weights: str = "auto",
     reshard: bool = False,
+    verify: str = "auto",
 ) -> ShardedModel:
     """Load this rank's shard and return the tensor-parallel model, ready to run.
 
     ``weights`` picks where the shard comes from: ``"on-load"`` reads this rank's slices from the
     checkpoint at ``model_path``; ``"presharded"`` reads ``compiled_model_path``'s rank file (refusing
     stale ones; ``reshard`` re-slices files made at another TP degree); ``"auto"`` uses a valid
-    pre-sharded checkpoint when there is one and shards on load otherwise.
+    pre-sharded checkpoint when there is one and shards on load otherwise. ``verify`` is how the
+    source of pre-sharded files is checked (``presharded.check_presharded``).
     """
     from . import presharded
 
     comm = comm or Collectives()
+    check = None  # what checking the pre-sharded checkpoint found: checked once, layout included
     if weights == "auto":
         weights = "on-load"
-        if compiled_model_path is not None and presharded.read_manifest(compiled_model_path) is not None:
-            _, problems = presharded.check_presharded(compiled_model_path, comm.world_size, dtype, model_path, plan)
+        if compiled_model_path is not None and presharded.has_manifest(compiled_model_path):
+            try:
+                check = presharded.inspect_presharded(compiled_model_path, comm.world_size, dtype, model_path, plan,
+                                                      verify)
+                problems = check.problems
+            except ShardwiseError as exc:  # e.g. a manifest of an older format: the source still loads
+                check, problems = None, [str(exc)]
             if not problems:
                 weights = "presharded"
             elif comm.rank == 0:
@@ -96,13 +104,14 @@ def load_sharded(
     if weights == "presharded":
         if compiled_model_path is None:
             raise ShardwiseError("loading pre-sharded weights needs --compiled-model-path")
-        manifest = presharded.read_manifest(compiled_model_path) or {}
         if comm.rank == 0:
             log.info("Loading pre-sharded weights for ranks: 0...%d from %s", comm.world_size - 1,
                      Path(compiled_model_path) / presharded.WEIGHTS)
+        check = presharded.require_usable_check(compiled_model_path, comm.world_size, dtype, model_path, reshard,
+                                                plan, verify, check)
         state, stats = presharded.load_presharded_state(compiled_model_path, comm.rank, comm.world_size, dtype,
-                                                        model_path, reshard, plan)
-        config, layout = presharded.presharded_layout(manifest, comm.world_size)
+                                                        model_path, reshard, plan, check=check)
+        config, layout = check.config, check.layout
         torch_dtype = next(iter(state.values())).dtype
     else:
         if model_path is None:
