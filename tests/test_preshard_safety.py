@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shardwise.engine import model_layout
+from shardwise.conformance import model_layout
 
 import shardwise.presharded as ps
 from shardwise.checkpoint import CheckpointSource
