@@ -685,7 +685,6 @@ def mutated_override(rng: random.Random) -> str:
 
 def plan_case(directory: Path, checkpoint: Path, rng: random.Random, i: int) -> tuple[str, Callable[[], str]]:
     from shardwise.conformance import model_layout
-
     from shardwise.parallelize import check_runtime
     from shardwise.plan import resolve_plan
 
@@ -731,7 +730,6 @@ PLAN_CORPUS = [
 @pytest.mark.parametrize("line", PLAN_CORPUS)
 def test_plan_corpus(line, tiny_checkpoint, tmp_path):
     from shardwise.conformance import model_layout
-
     from shardwise.plan import resolve_plan
 
     path = tmp_path / "plan.yaml"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from shardwise.conformance import model_layout
 
 import shardwise.presharded as ps
 from shardwise.checkpoint import CheckpointSource
+from shardwise.conformance import model_layout
 from shardwise.errors import ShardwiseError
 from shardwise.loader import load_rank_state
 from shardwise.mesh import Mesh
