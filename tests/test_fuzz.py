@@ -585,7 +585,7 @@ def plan_bases() -> list[str]:
     """Valid plans for the tiny Llama: ours, the documented ones, and the built-in one as a user plan (less
     its bias rules, which a user plan may not give for a model without biases)."""
     docs = Path(__file__).resolve().parents[1] / "docs" / "plans"
-    builtin = resources.files("shardwise.plans").joinpath("llama.yaml").read_text()
+    builtin = resources.files("shardwise.families.llama").joinpath("plan.yaml").read_text()
     builtin = "".join(line for line in builtin.splitlines(keepends=True) if not line.strip().endswith("bias: [tensor]"))
     return [USER_PLAN, FLAT_PLAN, builtin] + [p.read_text() for p in sorted(docs.glob("*.yaml"))]
 

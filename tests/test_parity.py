@@ -39,7 +39,7 @@ def _worker(rank, world, paths, result_file):
     results = {}
     for name, path in paths.items():
         model = load_sharded(path, "float32")
-        out = generate(model.model, PROMPTS, NEW_TOKENS, 0, (), comm=model.comm, keep_logits=True)
+        out = generate(model.module, PROMPTS, NEW_TOKENS, 0, (), comm=model.comm, keep_logits=True)
         results[name] = (out.tokens, out.step_logits, model.stats.bytes_read)
     if rank == 0:
         torch.save(results, result_file)

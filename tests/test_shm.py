@@ -266,7 +266,7 @@ def _generate(path, comm, sampling=None):
     from shardwise import Sampling, generate, load_sharded
 
     model = load_sharded(str(path), "float32", comm=comm)
-    g = generate(model.model, PROMPTS, 12, 0, (), sampling or Sampling(), comm, keep_logits=True)
+    g = generate(model.module, PROMPTS, 12, 0, (), sampling or Sampling(), comm, keep_logits=True)
     return g.tokens, torch.stack(g.step_logits)
 
 

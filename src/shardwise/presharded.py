@@ -633,7 +633,7 @@ def _manifest_problem(data) -> str | None:
 
 def has_manifest(compiled: str | Path) -> bool:
     """Whether ``compiled`` has a manifest file at all (valid or not)."""
-    return (Path(compiled) / WEIGHTS / MANIFEST).is_file()
+    return (Path(compiled) / WEIGHTS / MANIFEST).exists()
 
 
 def read_manifest(compiled: str | Path) -> dict | None:

@@ -96,7 +96,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)
     comm = Collectives()
-    plan, _, _ = resolve_ranks(opts, load_config(opts.model_path))
+    plan = run_plan(opts, load_config(opts.model_path))
     weights = "presharded" if opts.skip_sharding or opts.save_sharded_checkpoint else "auto"
     source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path or "") else None
     sharded = load_sharded(source, opts.torch_dtype, plan, comm, device, progress=opts.progress and rank == 0,
@@ -136,6 +136,16 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
         }, result_path)
 
 
+def run_plan(opts: RunOptions, config) -> Plan:
+    """The sharding plan of a run: the user's (file, overrides, sequence parallelism) on the family's,
+    or, loading pre-sharded files with none of those given, the plan the files were made with."""
+    if opts.skip_sharding and not (opts.sharding_config or opts.overrides or opts.sequence_parallel):
+        from .presharded import presharded_plan
+
+        return presharded_plan(opts.compiled_model_path)
+    return resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel)
+
+
 def resolve_ranks(opts: RunOptions, config) -> tuple[Plan, Mesh, Topology | None]:
     """The plan, the mesh to run on and, with a partition config, the devices and threads of its ranks.
 
@@ -149,13 +159,7 @@ def resolve_ranks(opts: RunOptions, config) -> tuple[Plan, Mesh, Topology | None
         topology = resolve_topology(load_partition_config(opts.partition_config), opts.device, opts.partition)
     elif opts.partition:
         raise ShardwiseError("--partition needs --partition-config")
-    own_plan = opts.skip_sharding and not (opts.sharding_config or opts.overrides or opts.sequence_parallel)
-    if own_plan:
-        from .presharded import presharded_plan
-
-        plan = presharded_plan(opts.compiled_model_path)
-    else:
-        plan = resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel)
+    plan = run_plan(opts, config)
     world = topology.world_size if topology else None
     tp = opts.tp_degree
     if tp is None and world is None and plan.mesh_sizes is None:
