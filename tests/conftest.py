@@ -143,3 +143,13 @@ def torchrun():
     if exe is None:
         pytest.skip("torchrun not on PATH")
     return exe, {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, free_port()
+
+
+@pytest.fixture
+def source(tiny_models, tmp_path):
+    """A private copy of the tiny tied checkpoint, free to edit (pre-sharding and staleness tests)."""
+    import shutil
+
+    dst = tmp_path / "src"
+    shutil.copytree(tiny_models["gqa9_tied"], dst)
+    return dst

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_presharded import assert_same, on_load  # noqa: E402 - shared helpers
 
 import shardwise.presharded as ps
-from shardwise.checkpoint import CheckpointSource
-from shardwise.conformance import model_layout
 from shardwise.errors import ShardwiseError
-from shardwise.loader import load_rank_state
 from shardwise.mesh import Mesh
 from shardwise.presharded import (
     check_presharded,
@@ -34,24 +32,6 @@ from shardwise.presharded import (
     read_manifest,
     require_usable,
 )
-
-
-def on_load(path, tp, rank, dtype=torch.float32):
-    return load_rank_state(CheckpointSource(path), model_layout(path, tp), rank, dtype)[0]
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-
-
-@pytest.fixture
-def source(tiny_models, tmp_path):
-    dst = tmp_path / "src"
-    shutil.copytree(tiny_models["gqa9_tied"], dst)
-    return dst
-
 
 # ---------------------------------------------------------------------------------------------- A: one writer
 

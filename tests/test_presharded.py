@@ -32,11 +32,6 @@ def assert_same(a, b):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture
-def source(tiny_models, tmp_path):
-    dst = tmp_path / "src"
-    shutil.copytree(tiny_models["gqa9_tied"], dst)
-    return dst
 
 
 def test_presharded_equals_shard_on_load(source, tmp_path):

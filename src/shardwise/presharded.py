@@ -97,6 +97,7 @@ from .layout import Layout, compute_layout
 from .loader import LoadStats
 from .mesh import Mesh
 from .plan import TENSOR_AXIS, Plan, Rule, resolve_plan
+from .settings import process_alive
 from .untrusted import read_json
 
 log = logging.getLogger("shardwise")
@@ -202,19 +203,9 @@ def _remove_debris(weights: Path, ranks: range, locked: bool) -> None:
         for tmp in weights.glob(f".{rank_file(weights.parent, rank).name}.tmp-*"):
             if not locked:
                 writer_host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
-                if writer_host != host or not pid.isdigit() or _alive(int(pid)):
+                if writer_host != host or not pid.isdigit() or process_alive(int(pid)):
                     continue
             tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _unique_tmp(path: Path) -> Path:

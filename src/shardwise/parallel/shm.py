@@ -85,21 +85,6 @@ def supported_platform() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir("/dev/shm")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed sibling stays a zombie until its parent reaps it; it is dead all the same
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
-
-
 class ShmCollectives:
     """All-reduce (sum), all-gather, broadcast and barrier over one shared-memory segment.
 
@@ -245,7 +230,7 @@ class ShmCollectives:
                 next_check = now + LIVENESS_SECONDS
                 if words[idx] >= gen:
                     return
-                if not _alive(self.pids[peer]):
+                if not settings.process_alive(self.pids[peer]):
                     raise ShardwiseError(
                         f"rank {peer} (pid {self.pids[peer]}) exited while rank {self.rank} waited for it in a "
                         f"shared-memory {what}"
