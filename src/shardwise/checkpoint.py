@@ -743,8 +743,8 @@ class Arena:
     One mapping instead of a tensor per weight: it is already zero, so padding needs no extra pass,
     and the shard is one region. Transparent huge pages would take 512 times fewer faults, but in
     fresh processes on virtual machines each huge-page fault can cost far more than the 512 small
-    ones it replaces (bench/load.py measured 3.9x slower loads here), so they are opt-in:
-    ``SHARDWISE_HUGEPAGES=1``.
+    ones it replaces (bench/load.py's huge-page method measures it; see docs/benchmarks.md), so they
+    are opt-in: ``SHARDWISE_HUGEPAGES=1``.
     """
 
     ALIGN = 64

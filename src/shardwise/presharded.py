@@ -39,8 +39,8 @@ compare; config, plan, mesh and dtype are checked at every level):
   Misses only a change of content that keeps every identity field: a write that bypasses the file
   system (raw device, a broken NFS server), or a forged identity (system clock turned back and
   mtime restored, a hand-edited ``.verified`` file or manifest).
-* ``"full"``: re-hashes every source file on every load (sha256, about 1.5 GB/s per core, files
-  in parallel; reads the whole source checkpoint). Catches any change of content.
+* ``"full"``: re-hashes every source file on every load (sha256, files in parallel; reads the
+  whole source checkpoint). Catches any change of content.
 
 Files made at one TP degree can be re-sliced into another (``reshard=True``) from the rank files
 alone: the manifest carries everything the layout needs (config, plan, source shapes);

@@ -1,9 +1,9 @@
 """Shared-memory collectives for CPU ranks on one machine: microseconds instead of gloo's milliseconds.
 
-Decode runs two all-reduces of one hidden vector per layer per token. Over gloo each costs 0.2-4 ms
-between two local processes; here it is a copy into a shared file, a flag store, a wait on the
-peers' flags and a fixed-order sum, all driven directly from Python (no ProcessGroup wrapper, which
-would add ~9 us per call).
+Decode runs two all-reduces of one hidden vector per layer per token. Over gloo each costs
+milliseconds between two local processes (bench/decode.py measures both paths); here it is a copy
+into a shared file, a flag store, a wait on the peers' flags and a fixed-order sum, all driven
+directly from Python (a ProcessGroup wrapper would add its dispatch cost to every call).
 
 Segment layout (one plain file in /dev/shm, mmap'd by every rank; rank 0 creates it, shares its name
 through the torch.distributed group and unlinks it as soon as every rank has attached, so nothing is
