@@ -130,12 +130,14 @@ def test_malformed_partition_config(tmp_path, tiny_models, content, pattern):
 # Failures that are not the user's: a bug inside a rank, a rank killed by the system. The script patches
 # the rank's loader; spawned ranks re-import it as their main module, so the patch reaches them too.
 _INJECT = """
-import os, signal, sys
+import os, signal, sys, time
 import shardwise.runner as runner
 
 def broken(*args, **kwargs):
-    if {kill} and args[3].rank == 1:  # load_sharded(source, dtype, plan, comm, ...)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if {kill}:  # rank 1 is killed; rank 0 waits, to be stopped by the parent (load_sharded(source, dtype, plan, comm))
+        if args[3].rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(120)
     raise TypeError("injected bug")
 
 runner.load_sharded = broken
