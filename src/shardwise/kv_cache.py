@@ -4,11 +4,17 @@ Decoding writes one token per step, prefill a whole prompt, and speculative deco
 tokens at once, some of which the target then rejects; so ``update`` takes any number of new positions
 at an explicit slot, and ``rollback`` forgets every position from a given slot on (the next ``update``
 overwrites them). Nothing is ever reallocated after the first write of a layer.
+
+Attention itself goes through the cache (``attend``), as vLLM's attention backends own their KV
+storage: a cache whose rows belong to different requests (``engine.slots.SlotCache``) attends each row
+over its own keys, so a request's output does not depend on what it is batched with, while model code
+stays one line and free of any such concern.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .errors import ShardwiseError
 
@@ -40,6 +46,13 @@ class KVCache:
         if layer == len(self.k) - 1:  # the last layer has written: these slots are now whole
             self.length = end
         return ck[:, :, :end], cv[:, :, :end]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               start: int) -> torch.Tensor:
+        """Write ``k``/``v`` at slots ``start..`` and attend ``q`` (``[batch, heads, new, head_dim]``) over
+        every slot up to them under ``mask``; query and KV heads are paired by position (GQA)."""
+        k, v = self.update(layer, k, v, start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
     def rollback(self, length: int) -> None:
         """Forget slots ``length..``: e.g. the draft tokens a speculative step did not accept."""

@@ -6,7 +6,9 @@ bucketed or compiled shapes) and encoders plug in without branches on the family
 * ``forward(input_ids, position_ids, mask, cache, start)`` runs ``[batch, new]`` tokens written at KV
   slots ``start..start+new-1`` (one token when decoding, a prompt, or a draft of several), attending
   under ``mask`` (``[batch, 1, new, start+new]``, True = may attend);
-* the cache is a ``KVCache``: several new tokens a step, ``rollback`` to any earlier slot;
+* the cache is a ``KVCache`` (or the engine's ``SlotCache`` row and batch views): attention goes through
+  ``cache.attend(layer, q, k, v, mask, start)``, which writes the new keys and values and attends over
+  them; several new tokens a step, ``rollback`` to any earlier slot;
 * ``output_kind`` says what ``forward`` returns: ``"logits"`` (``[batch, new or 1, vocab]``) or
   ``"hidden_states"`` (encoders);
 * ``prepare(max_len, device)`` builds whatever position tables a generation of ``max_len`` needs.

@@ -27,7 +27,7 @@ from .parallel.comm import Collectives
 from .parallel.launch import default_backend, launch, threads_per_rank
 from .parallelize import check_runtime
 from .plan import TENSOR_AXIS, Plan, resolve_plan
-from .sharded_model import load_sharded
+from .sharded_model import ShardedModel, load_sharded
 from .topology import Topology, load_partition_config, resolve_topology
 
 log = logging.getLogger("shardwise")
@@ -93,16 +93,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
         logging.getLogger("shardwise").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     device = devices[rank] if devices else opts.device
-    if device.startswith("cuda:"):
-        torch.cuda.set_device(device)
-    comm = Collectives()
-    plan = run_plan(opts, load_config(opts.model_path))
-    weights = "presharded" if opts.skip_sharding or opts.save_sharded_checkpoint else "auto"
-    source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path or "") else None
-    sharded = load_sharded(source, opts.torch_dtype, plan, comm, device, progress=opts.progress and rank == 0,
-                           compiled_model_path=opts.compiled_model_path, weights=weights, reshard=opts.reshard,
-                           verify=opts.verify)
-    comm.barrier()
+    sharded, comm = load_rank_model(opts, rank, device)
     shard_s, load_s = comm.max_over_ranks([sharded.stats.seconds, time.perf_counter() - t0])
     log.info("Done sharding weights in %.3f seconds", shard_s)
     log.info("Total model loading time: %.3f seconds", load_s)
@@ -134,6 +125,22 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
             "threads_per_rank": torch.get_num_threads(),
             "bytes_held_rank0": sharded.stats.bytes_held, "bytes_read_rank0": sharded.stats.bytes_read,
         }, result_path)
+
+
+def load_rank_model(opts: RunOptions, rank: int, device: str) -> tuple[ShardedModel, Collectives]:
+    """Inside a rank: this rank's part of the model the options describe, loaded the way they say
+    (shard on load, or pre-sharded files), once every rank has loaded."""
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)
+    comm = Collectives()
+    plan = run_plan(opts, load_config(opts.model_path))
+    weights = "presharded" if opts.skip_sharding or opts.save_sharded_checkpoint else "auto"
+    source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path or "") else None
+    sharded = load_sharded(source, opts.torch_dtype, plan, comm, device, progress=opts.progress and rank == 0,
+                           compiled_model_path=opts.compiled_model_path, weights=weights, reshard=opts.reshard,
+                           verify=opts.verify)
+    comm.barrier()
+    return sharded, comm
 
 
 def run_plan(opts: RunOptions, config) -> Plan:

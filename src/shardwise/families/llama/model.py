@@ -4,7 +4,7 @@ No parallelism lives here: tensor parallelism comes from swapping the ``nn.Linea
 ``nn.Embedding`` modules per the sharding plan (see ``parallelize.py``). It follows the runtime's model
 protocol (``shardwise.protocol``). The code is written so the
 swap needs nothing else: attention infers its local head count from the projection's output size,
-and ``scaled_dot_product_attention(enable_gqa=True)`` pairs query and KV heads by position.
+and the cache's ``attend`` pairs query and KV heads by position.
 """
 
 from __future__ import annotations
@@ -80,8 +80,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        k, v = cache.update(self.layer_idx, k, v, start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        out = cache.attend(self.layer_idx, q, k, v, mask, start)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
