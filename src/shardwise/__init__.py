@@ -2,6 +2,7 @@
 
 from .config import ModelConfig, load_config
 from .conformance import model_layout
+from .engine import Completion, Engine, EngineOptions
 from .errors import ShardwiseError
 from .generation import Sampling, generate
 from .layout import Layout, compute_layout
@@ -11,7 +12,7 @@ from .runner import RunOptions, RunResult, run
 from .sharded_model import ShardedModel, load_sharded
 
 __all__ = [
-    "Layout", "Mesh", "ModelConfig", "Plan", "RunOptions", "RunResult", "Sampling", "ShardedModel",
+    "Completion", "Engine", "EngineOptions", "Layout", "Mesh", "ModelConfig", "Plan", "RunOptions", "RunResult", "Sampling", "ShardedModel",
     "ShardwiseError", "builtin_plan", "compute_layout", "generate", "load_config", "load_plan", "load_sharded",
     "model_layout", "resolve_plan", "run",
 ]

@@ -161,6 +161,11 @@ class Engine:
         threading.Thread(target=self._read, args=({ours: 0}, {}), name="shardwise-engine-reader",
                          daemon=True).start()
 
+    @property
+    def rank_pids(self) -> list[int]:
+        """Process ids of the ranks this engine started (empty under torchrun)."""
+        return [p.pid for p in self._procs]
+
     def close(self) -> None:
         """Stop the ranks (running requests end with "cancelled"); safe to call twice."""
         if self._closed:
