@@ -264,7 +264,7 @@ class Engine:
                     r["tokens"].append(event.token)
                     r.setdefault("first", time.perf_counter() - start)
                 if event.finish_reason:
-                    r["finish"], r["error"] = event.finish_reason, event.error
+                    r["finish"], r["error"], r["rank"] = event.finish_reason, event.error, event.rank_seconds
                     r["seconds"] = time.perf_counter() - start
                     r["done"].set()
             return on_event
@@ -283,7 +283,8 @@ class Engine:
             if r["finish"] == "error":
                 raise ShardwiseError(r["error"] or "the engine failed")
             completions.append(Completion(self.tokenizer.decode(r["tokens"], skip_special_tokens=True), r["tokens"],
-                                          len(ids), r["finish"], r.get("first", r["seconds"]), r["seconds"]))
+                                          len(ids), r["finish"], r.get("first", r["seconds"]), r["seconds"],
+                                          r["rank"]))
         return completions
 
     # -- weights -------------------------------------------------------------------------------

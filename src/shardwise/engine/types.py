@@ -79,6 +79,7 @@ class Completion:
     finish_reason: str
     first_token_seconds: float  # from submit to the first token
     seconds: float  # from submit to the last
+    rank_seconds: float | None = None  # the same, measured inside rank 0: the rest is the cost of calling
 
 
 @dataclass
