@@ -12,7 +12,8 @@ from .runner import RunOptions, RunResult, run
 from .sharded_model import ShardedModel, load_sharded
 
 __all__ = [
-    "Completion", "Engine", "EngineOptions", "Layout", "Mesh", "ModelConfig", "Plan", "RunOptions", "RunResult", "Sampling", "ShardedModel",
+    "Completion", "Engine", "EngineOptions", "Layout", "Mesh", "ModelConfig", "Plan", "RunOptions", "RunResult",
+    "Sampling", "ShardedModel",
     "ShardwiseError", "builtin_plan", "compute_layout", "generate", "load_config", "load_plan", "load_sharded",
     "model_layout", "resolve_plan", "run",
 ]

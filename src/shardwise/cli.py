@@ -126,6 +126,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add(plan, "--host-latency-us", type=float, default=HOST_LATENCY_US, help="assumed host latency per ring hop")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    serve = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API", formatter_class=_Formatter,
+        description="Load a checkpoint across --tp-degree ranks once and answer /v1/completions, "
+                    "/v1/chat/completions (streaming too), /v1/models, /health and /metrics. Requests are "
+                    "batched continuously; greedy output is what each request gets alone. See docs/serving.md.")
+    _add(serve, "--model-path", default=None,
+         help="HF checkpoint directory (config.json + safetensors); default: the bundled SmolLM2-135M-Instruct")
+    _add(serve, "--tp-degree", type=int, default=None,
+         help="tensor-parallel degree: number of ranks (default 2, or the partition config's device count)")
+    _add(serve, "--torch-dtype", default="auto", help="dtype to cast weights to while loading (auto = config's)")
+    _add(serve, "--seq-len", type=int, default=2048, help="longest sequence (prompt + generated tokens) per request")
+    _add(serve, "--max-batch-size", type=int, default=16, help="requests decoded together (KV-cache rows per rank)")
+    _add(serve, "--max-queue", type=int, default=256,
+         help="requests that may wait for a free row; more are refused with HTTP 429")
+    _add(serve, "--pad-token-id", type=int, default=None, help="padding token id (default: from the checkpoint)")
+    _add(serve, "--sharding-config", default=None, help="YAML sharding plan (default: the family's built-in plan)")
+    serve.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
+                       help="override one plan rule")
+    _add(serve, "--device", default="cpu", help="cpu, or cuda (one GPU per rank, NCCL)")
+    _add(serve, "--partition-config", default=None,
+         help="device partition config JSON (Cloud AI 100 form): its devices are the ranks, numCores their threads")
+    _add(serve, "--partition", default=None, help="partition to use when the partition config has several")
+    _add(serve, "--compiled-model-path", default=None,
+         help="directory of the pre-sharded checkpoint (weights/ inside it)")
+    _add(serve, "--skip-sharding", action="store_true",
+         help="load the pre-sharded files in --compiled-model-path (refused if stale)")
+    serve.add_argument("--verify", choices=["auto", "full", "header"], default="auto",
+                       help="how pre-sharded files are checked against their source (as for run)")
+    _add(serve, "--sequence-parallel-enabled", action="store_true",
+         help="split the residual stream by sequence over the tensor ranks")
+    _add(serve, "--no-batch-invariant", action="store_true",
+         help="decode batches at their natural size: faster, but a request's greedy tokens may then differ in rare "
+              "near-ties from what it gets alone")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0: every interface; then set --api-key)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free port (the line announcing "
+                                                              "the server names it)")
+    _add(serve, "--api-key", default=None,
+         help="require 'Authorization: Bearer KEY' on every request but /health (default: SHARDWISE_API_KEY, if set)")
+    _add(serve, "--served-model-name", default=None,
+         help="model id clients send and /v1/models lists (default: the checkpoint directory's name)")
+
     conv = sub.add_parser("convert", help="convert a GGUF file to an HF safetensors checkpoint",
                           formatter_class=_Formatter,
                           description="Convert a GGUF model into an HF checkpoint directory. The result is cached: "
@@ -135,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(conv, "--torch-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
          help="dtype of the written tensors")
     conv.add_argument("--force", action="store_true", help="convert again even if a finished conversion exists")
-    for command in (run, shard, plan, conv):  # `shardwise run ... --debug` works as well as `shardwise --debug run`
+    # `shardwise run ... --debug` works as well as `shardwise --debug run`
+    for command in (run, shard, plan, serve, conv):
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show tracebacks for errors (also SHARDWISE_DEBUG=1)")
     return parser
@@ -199,6 +242,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .convert import bundled_model_dir
+    from .engine.types import EngineOptions
+
+    try:
+        from .server.launch import serve
+    except ImportError as exc:
+        raise ShardwiseError(f"shardwise serve needs FastAPI and uvicorn ({one_line(exc)}); "
+                             "install them with: pip install 'shardwise[serve]'") from None
+    for flag, value, least in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
+                               ("--seq-len", args.seq_len, 2)):
+        if value < least:
+            raise ShardwiseError(f"{flag} must be at least {least}, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise ShardwiseError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.model_path is None and args.skip_sharding and args.compiled_model_path:
+        model_path = args.compiled_model_path
+    else:
+        model_path = args.model_path or str(bundled_model_dir())
+    options = EngineOptions(
+        model_path=model_path, tp_degree=args.tp_degree, torch_dtype=args.torch_dtype, seq_len=args.seq_len,
+        max_batch_size=args.max_batch_size, max_queue=args.max_queue, device=args.device,
+        sharding_config=args.sharding_config, overrides=args.overrides,
+        sequence_parallel=args.sequence_parallel_enabled, partition_config=args.partition_config,
+        partition=args.partition, compiled_model_path=args.compiled_model_path, skip_sharding=args.skip_sharding,
+        verify=args.verify, progress=sys.stderr.isatty(), pad_token_id=args.pad_token_id,
+        batch_invariant=not args.no_batch_invariant,
+    )
+    api_key = args.api_key if args.api_key is not None else settings.api_key()
+    serve(options, host=args.host, port=args.port, api_key=api_key, served_model_name=args.served_model_name)
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .capacity import Links, estimate_capacity, report_json
 
@@ -243,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_shard(args)
         if args.command == "plan":
             return _cmd_plan(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
         return _cmd_convert(args)
     except ShardwiseError as exc:
         if debug:

@@ -14,6 +14,7 @@ never a silent default.
 | SHARDWISE_MAP_WEIGHTS | map whole-row slices of the checkpoint instead of copying them | on |
 | SHARDWISE_HUGEPAGES | transparent huge pages for the copy arena | off |
 | SHARDWISE_CACHE | where converted checkpoints are kept | ~/.cache/shardwise |
+| SHARDWISE_API_KEY | the key `shardwise serve` requires when `--api-key` is not given | none |
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def map_weights() -> bool:
 
 def hugepages() -> bool:
     return flag("SHARDWISE_HUGEPAGES", False)
+
+
+def api_key() -> str | None:
+    """The API key for ``shardwise serve`` from the environment (it stays out of ``ps`` listings)."""
+    return os.environ.get("SHARDWISE_API_KEY") or None
 
 
 def cache_dir() -> Path:

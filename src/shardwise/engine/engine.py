@@ -162,6 +162,11 @@ class Engine:
                          daemon=True).start()
 
     @property
+    def alive(self) -> bool:
+        """Whether requests can be submitted: not closed, and no rank has failed."""
+        return self.is_driver and not self._closed and self._dead is None
+
+    @property
     def rank_pids(self) -> list[int]:
         """Process ids of the ranks this engine started (empty under torchrun)."""
         return [p.pid for p in self._procs]
