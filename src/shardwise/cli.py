@@ -31,6 +31,7 @@ def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardwise", description=DESCRIPTION, formatter_class=_Formatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (also SHARDWISE_DEBUG=1)")
+    _add_task_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="load a checkpoint sharded over ranks and generate", formatter_class=_Formatter,
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one plan rule, e.g. 'model.layers.*.mlp.up_proj.weight=[tensor,null]'")
     _add(run, "--device", default="cpu", help="cpu, or cuda (one GPU per rank, NCCL)")
     _add_preshard_flags(run)
+    _add_task_flags(run, suppress=True)
     _add(run, "--save-sharded-checkpoint", action="store_true",
          help="pre-shard into --compiled-model-path/weights first (resumable), then load from those files")
     _add(run, "--skip-sharding", action="store_true",
@@ -184,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_task_flags(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """NxD's --model-type and --task-type: before the command as NxD places them, or after ``run``."""
+    from .tasks import TASK_TYPES
+
+    default = argparse.SUPPRESS if suppress else None
+    _add(parser, "--model-type", default=default,
+         help="the checkpoint's model type (llama, qwen2, mistral, bert, ...): checked against config.json")
+    _add(parser, "--task-type", default=default, choices=TASK_TYPES,
+         help="causal-lm generates; embedding prints sentence embeddings (mean pooled, normalised); "
+              "sequence-classification the label and scores; masked-lm the likeliest tokens at each mask. "
+              "Default: what the checkpoint's architecture does")
+
+
 def _add_preshard_flags(parser: argparse.ArgumentParser, required: bool = False) -> None:
     _add(parser, "--compiled-model-path", default=None, required=required,
          help="directory of the pre-sharded checkpoint (weights/ inside it)")
@@ -232,10 +247,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         save_sharded_checkpoint=args.save_sharded_checkpoint, skip_sharding=args.skip_sharding, reshard=args.reshard,
         verify=args.verify, start_rank_id=args.start_rank_id, local_ranks_size=args.local_ranks_size,
         partition_config=args.partition_config, partition=args.partition,
-        sequence_parallel=args.sequence_parallel_enabled,
+        sequence_parallel=args.sequence_parallel_enabled, task_type=args.task_type, model_type=args.model_type,
     )
     result = run(opts)
-    if result.texts:
+    if result.texts and result.task == "causal-lm":
         print(f"\nLoad {result.load_seconds:.2f} s (sharding {result.shard_seconds:.2f} s); "
               f"prefill {result.prefill_tokens_per_second:.1f} tok/s; "
               f"decode {result.decode_tokens_per_second:.1f} tok/s")
@@ -313,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in (None, "run"):
             if args.command is None:
-                args = parser.parse_args(["run"])
+                args = parser.parse_args([*argv, "run"])
             return _cmd_run(args)
         if args.command == "shard":
             return _cmd_shard(args)

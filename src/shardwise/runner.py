@@ -28,6 +28,7 @@ from .parallel.launch import default_backend, launch, threads_per_rank
 from .parallelize import check_runtime
 from .plan import TENSOR_AXIS, Plan, resolve_plan
 from .sharded_model import ShardedModel, load_sharded
+from .tasks import CAUSAL_LM, resolve_task
 from .topology import Topology, load_partition_config, resolve_topology
 
 log = logging.getLogger("shardwise")
@@ -68,6 +69,8 @@ class RunOptions:
     verify: str = "auto"  # how a pre-sharded checkpoint's source is checked: auto, full or header
     start_rank_id: int = 0
     local_ranks_size: int | None = None
+    task_type: str | None = None  # NxD's --task-type: causal-lm, embedding, ...; None: the checkpoint's default
+    model_type: str | None = None  # NxD's --model-type: checked against the checkpoint when given
 
 
 @dataclass
@@ -80,6 +83,8 @@ class RunResult:
     decode_tokens_per_second: float
     accuracy: str | None = None
     report_path: str | None = None
+    task: str = "causal-lm"
+    outputs: object = None  # encoder tasks: encoders.EncoderOutput (embeddings, class scores, mask predictions)
 
 
 def _setup_logging() -> None:
@@ -201,6 +206,7 @@ def validate(opts: RunOptions):
         # The whole layout, from headers alone: plan errors surface here, before any rank starts.
         check_runtime(model_layout(opts.model_path, plan=plan, config=config, source=source, mesh=mesh))
     resolve_dtype(opts.torch_dtype, config)
+    resolve_task(config, opts.task_type, opts.model_type)
     if opts.check_accuracy_mode not in ("skip-accuracy-check", "token-matching", "logit-matching"):
         raise ShardwiseError(f"unknown --check-accuracy-mode {opts.check_accuracy_mode!r}")
     if opts.batch_size < 1 or opts.max_new_tokens < 1:
@@ -235,6 +241,14 @@ def run(opts: RunOptions) -> RunResult:
     """Run the whole job; the Python equivalent of ``shardwise run``."""
     _setup_logging()
     opts, config, tokenizer, batches = validate(opts)
+    task = resolve_task(config, opts.task_type, opts.model_type)
+    if task != CAUSAL_LM:
+        if opts.benchmark or opts.save_sharded_checkpoint:
+            raise ShardwiseError(f"--benchmark and --save-sharded-checkpoint are for generation; {task} runs time "
+                                 "themselves (see bench/encoder.py) and pre-shard with `shardwise shard`")
+        from .encoders import run_encoder
+
+        return run_encoder(opts, config, tokenizer, batches, task)
     pad_id = opts.pad_token_id
     if pad_id is None:
         pad_id = config.pad_token_id if config.pad_token_id is not None else (tokenizer.pad_token_id or 0)

@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import ShardwiseError
 
 # The registry: folder names under families/, each exporting FAMILY.
-BUILT_IN = ("llama",)
+BUILT_IN = ("llama", "bert")
 
 Shapes = dict[str, tuple[tuple[int, ...], str]]
 
