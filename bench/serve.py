@@ -113,18 +113,22 @@ def one_request(server: Server, prompt: str, tokens: int) -> dict:
     stamps = []
     text = []
     stream = server.client.completions.create(model=server.model, prompt=prompt, max_tokens=tokens,
-                                              temperature=0, stream=True)
+                                              temperature=0, stream=True, extra_body={"ignore_eos": True},
+                                              stream_options={"include_usage": True})
+    generated = 0
     for chunk in stream:
+        if chunk.usage is not None:
+            generated = chunk.usage.completion_tokens
         if chunk.choices and chunk.choices[0].text:
             stamps.append(time.perf_counter())
             text.append(chunk.choices[0].text)
     end = time.perf_counter()
     return {"ttft": (stamps[0] - start) if stamps else end - start,
             "itl": [b - a for a, b in zip(stamps, stamps[1:])], "seconds": end - start, "chunks": len(stamps),
-            "text": "".join(text)}
+            "text": "".join(text), "tokens": generated}
 
 
-def load_level(server: Server, concurrency: int, per_client: int, tokens: int, tokenizer) -> dict:
+def load_level(server: Server, concurrency: int, per_client: int, tokens: int) -> dict:
     jobs = [PROMPTS[(c + i) % len(PROMPTS)] for c in range(concurrency) for i in range(per_client)]
     one_request(server, PROMPTS[0], 4)  # warm-up
     start = time.perf_counter()
@@ -135,7 +139,7 @@ def load_level(server: Server, concurrency: int, per_client: int, tokens: int, t
     with ThreadPoolExecutor(concurrency) as pool:
         results = [r for rs in pool.map(client, range(concurrency)) for r in rs]
     wall = time.perf_counter() - start
-    generated = sum(len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in results)
+    generated = sum(r["tokens"] for r in results)  # the server's usage: exactly max_tokens each (ignore_eos)
     itl = [x for r in results for x in r["itl"]]
     return {"concurrency": concurrency, "requests": len(jobs), "seconds": wall, "requests_per_s": len(jobs) / wall,
             "tokens": generated, "tokens_per_s": generated / wall,
@@ -218,8 +222,8 @@ def render(res: dict) -> str:
              f"Measured {res['date']} by `python bench/serve.py {' '.join(res['argv'])}` in one run: {m['cores']} "
              f"cores, memory bandwidth {m['bandwidth']['copy_gbps']:.1f} GB/s (copy), torch {m['torch']}. "
              f"SmolLM2-135M-Instruct, float32, TP 2, greedy, {res['tokens']} new tokens per request "
-             "(streamed completions through the `openai` client; requests may stop early at EOS, tokens "
-             "counted from the returned text). HF transformers runs on one process with all cores, in the "
+             "(streamed completions through the `openai` client with vLLM's `ignore_eos` extension, so every "
+             "request generates exactly that many tokens). HF transformers runs on one process with all cores, in the "
              "same run. Other processes may share the machine: read the ratios.", "",
              "| system | concurrency | requests | req/s | tokens/s | vs concurrency 1 | TTFT p50 / p90 / p99 ms | "
              "inter-token p50 / p90 / p99 ms |",
@@ -268,24 +272,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"), help="Markdown file to update")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "serve.json"), help="raw figures")
     args = p.parse_args(argv)
-    from transformers import AutoTokenizer
-
     from shardwise.convert import bundled_model_dir
 
     model = bundled_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model)
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv[1:] if argv is None else argv,
            "tokens": args.tokens,
            "machine": {"cores": _cores(), "torch": torch.__version__, "bandwidth": memory_bandwidth(512, 4)}}
     levels = [int(c) for c in args.concurrency.split(",")]
     server = Server(model, [])
     try:
-        res["server"] = [load_level(server, c, args.requests_per_client, args.tokens, tokenizer) for c in levels]
+        res["server"] = [load_level(server, c, args.requests_per_client, args.tokens) for c in levels]
     finally:
         server.stop()
     server = Server(model, ["--no-batch-invariant"])
     try:
-        res["server_variant"] = [load_level(server, 1, args.requests_per_client, args.tokens, tokenizer)]
+        res["server_variant"] = [load_level(server, 1, args.requests_per_client, args.tokens)]
     finally:
         server.stop()
     res["hf"] = [hf_peer(model, args.tokens, 1, _cores()), hf_peer(model, args.tokens, max(levels), _cores())]

@@ -91,7 +91,7 @@ class FakeEngine:
         if len(prompt_ids) + max_tokens > self.seq_len:
             raise ShardwiseError(f"prompt + max_tokens is more than the context of {self.seq_len} tokens")
 
-    def submit(self, prompt_ids, sampling, max_tokens, on_event) -> FakeHandle:
+    def submit(self, prompt_ids, sampling, max_tokens, on_event, ignore_eos=False) -> FakeHandle:
         if self.busy:
             raise EngineBusy("the queue is full (256 requests are waiting)")
         if self.closed:

@@ -212,8 +212,11 @@ class Engine:
                 raise ShardwiseError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
 
     def submit(self, prompt_ids: list[int], sampling: Sampling = GREEDY, max_tokens: int = 64,
-               on_event: EventCallback | None = None) -> RequestHandle:
-        """Queue one request; ``on_event`` gets each new token (from the engine's reader thread)."""
+               on_event: EventCallback | None = None, ignore_eos: bool = False) -> RequestHandle:
+        """Queue one request; ``on_event`` gets each new token (from the engine's reader thread).
+
+        ``ignore_eos`` generates all ``max_tokens`` even past an end-of-sequence token (for benchmarks).
+        """
         self._check_alive()
         prompt_ids = list(prompt_ids)
         self.check_request(prompt_ids, max_tokens, sampling)
@@ -222,7 +225,7 @@ class Engine:
                 raise EngineBusy(f"the engine has {len(self._callbacks)} requests running or queued; try again later")
             request_id = next(self._ids)
             self._callbacks[request_id] = on_event or (lambda event: None)
-        self._send(("submit", request_id, prompt_ids, sampling, max_tokens))
+        self._send(("submit", request_id, prompt_ids, sampling, max_tokens, bool(ignore_eos)))
         return RequestHandle(self, request_id)
 
     def stream(self, prompt_ids: list[int], sampling: Sampling = GREEDY, max_tokens: int = 64) -> Iterator[int]:

@@ -6,7 +6,7 @@ its row for the next one in the queue. The parent process only submits, cancels 
 the step loop runs here, next to the model, so a call costs the parent two small messages, not one
 per token.
 
-Messages from the engine (``conn``): ``("submit", id, prompt, sampling, max_tokens)``,
+Messages from the engine (``conn``): ``("submit", id, prompt, sampling, max_tokens, ignore_eos)``,
 ``("cancel", id)``, ``("swap", swap_id, path)``, ``("close",)``; end of file (the parent died) is a
 close. To the engine: ``("ready", info)``, ``("events", [(id, token, finish, rank_seconds)])``,
 ``("swapped", swap_id, error, seconds, bytes)``, ``("closed",)``.
@@ -31,6 +31,7 @@ class _Request:
     sampling: Sampling
     max_tokens: int
     received: float
+    ignore_eos: bool = False
     slot: int = -1
     generated: int = 0
 
@@ -94,8 +95,8 @@ class Scheduler:
                 return
             kind = message[0]
             if kind == "submit":
-                _, request_id, prompt, sampling, max_tokens = message
-                self.waiting.append(_Request(request_id, prompt, sampling, max_tokens, time.perf_counter()))
+                _, request_id, prompt, sampling, max_tokens, ignore_eos = message
+                self.waiting.append(_Request(request_id, prompt, sampling, max_tokens, time.perf_counter(), ignore_eos))
             elif kind == "cancel":
                 self._cancel(message[1])
             elif kind == "swap":
@@ -129,7 +130,7 @@ class Scheduler:
                 continue
             request.generated += 1
             finish = None
-            if token in self.eos:
+            if token in self.eos and not request.ignore_eos:
                 finish = "stop"
             elif request.generated >= request.max_tokens or len(request.prompt) + request.generated >= self.max_len:
                 finish = "length"

@@ -33,6 +33,7 @@ class Job:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False
 
 
 def check_model(requested: str | None, names: tuple[str, ...]) -> None:
@@ -101,7 +102,7 @@ def _job(req: GenerationRequest, engine: Any, ids: list[int], max_tokens: int, l
         raise APIError(400, one_line(exc), param=prompt_param) from None
     stream = bool(req.stream)
     return Job(ids, sampling(req), max_tokens, _stop_strings(req.stop), stream,
-               bool(stream and req.stream_options and req.stream_options.include_usage))
+               bool(stream and req.stream_options and req.stream_options.include_usage), bool(req.ignore_eos))
 
 
 def sampling(req: GenerationRequest) -> Sampling:

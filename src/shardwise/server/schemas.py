@@ -30,6 +30,7 @@ class GenerationRequest(_Body):
     temperature: float | None = None  # OpenAI's default is 1.0 (sampling); 0 = greedy
     top_p: float | None = None
     top_k: int | None = None  # an extension (vLLM's): 0 or -1 = no top-k filter, 1 = greedy
+    ignore_eos: bool | None = None  # an extension (vLLM's): generate max_tokens even past end-of-sequence
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False

@@ -46,7 +46,8 @@ class Generation:
         self.finished = False
         self._submitted = self._last = time.perf_counter()
         try:
-            self._handle = engine.submit(job.prompt_ids, job.sampling, job.max_tokens, self._on_event)
+            self._handle = engine.submit(job.prompt_ids, job.sampling, job.max_tokens, self._on_event,
+                                         ignore_eos=job.ignore_eos)
         except EngineBusy as exc:
             raise APIError(429, one_line(exc), code="queue_full") from None
         except EngineClosed as exc:
