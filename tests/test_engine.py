@@ -286,8 +286,9 @@ def test_engine_joins_ranks_started_by_torchrun(models, torchrun, tmp_path):
             open({str(out)!r}, "w").write(json.dumps(result))
     """))
     env = {**env, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    subprocess.run([exe, "--nproc-per-node", "2", "--master-port", str(port), str(script)], env=env, check=True,
-                   timeout=180, capture_output=True)
+    done = subprocess.run([exe, "--nproc-per-node", "2", "--master-port", str(port), str(script)], env=env,
+                          timeout=180, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     with Engine(model_path=str(models["gqa9_tied"]), tp_degree=2, seq_len=64) as eng:
         expected = [c.token_ids for c in eng.generate(PROMPTS, max_new_tokens=10)]
     assert json.loads(out.read_text()) == expected

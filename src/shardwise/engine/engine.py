@@ -87,6 +87,8 @@ class Engine:
         self._ready = threading.Event()
         self._procs: list = []
         self._conn = None
+        self._driver: threading.Thread | None = None
+        self._owns_group = False
         plan, mesh, topology = resolve_ranks(self._run_opts, self.config)
         world = mesh.world_size
         devices = topology.devices if topology else None
@@ -132,7 +134,8 @@ class Engine:
 
         from .. import settings
 
-        if not dist.is_initialized():
+        self._owns_group = not dist.is_initialized()
+        if self._owns_group:
             torch.set_num_threads(threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
             dist.init_process_group(default_backend(self.options.device),
                                     timeout=timedelta(seconds=settings.collective_timeout()))
@@ -144,6 +147,7 @@ class Engine:
             serve_rank(rank, self._run_opts, self.options.max_batch_size, self.eos_token_ids, devices, None,
                        self.options.batch_invariant)
             self._closed = True
+            self._release_group()
             return
         ours, theirs = mp.Pipe()
 
@@ -157,7 +161,8 @@ class Engine:
                 theirs.close()
 
         self._conn = ours
-        threading.Thread(target=drive, name="shardwise-rank0", daemon=True).start()
+        self._driver = threading.Thread(target=drive, name="shardwise-rank0", daemon=True)
+        self._driver.start()
         threading.Thread(target=self._read, args=({ours: 0}, {}), name="shardwise-engine-reader",
                          daemon=True).start()
 
@@ -184,8 +189,18 @@ class Engine:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+        if self._driver is not None:  # torchrun: rank 0's loop runs in this process; let it finish its STOP
+            self._driver.join(30)
+            self._release_group()
         self._fail_pending("cancelled", None)
         atexit.unregister(self.close)
+
+    def _release_group(self) -> None:
+        """Destroy the process group if this engine created it: a group left to interpreter exit aborts it."""
+        import torch.distributed as dist
+
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
     def __enter__(self) -> Engine:
         return self
