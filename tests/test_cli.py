@@ -33,8 +33,8 @@ def test_not_an_hf_directory(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
-    assert_one_line_error(shardwise("run", "--model-path", str(tmp_path)), "unsupported architecture 'BertModel'")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    assert_one_line_error(shardwise("run", "--model-path", str(tmp_path)), "unsupported architecture 'GPT2LMHeadModel'")
 
 
 def test_config_without_weights(tmp_path, tiny_models):
