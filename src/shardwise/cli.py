@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--device", default="cpu", help="cpu, or cuda (one GPU per rank, NCCL)")
     _add_preshard_flags(run)
     _add_task_flags(run, suppress=True)
+    _add_speculation_flags(run)
     _add(run, "--save-sharded-checkpoint", action="store_true",
          help="pre-shard into --compiled-model-path/weights first (resumable), then load from those files")
     _add(run, "--skip-sharding", action="store_true",
@@ -199,6 +200,21 @@ def _add_task_flags(parser: argparse.ArgumentParser, suppress: bool = False) -> 
               "Default: what the checkpoint's architecture does")
 
 
+def _add_speculation_flags(parser: argparse.ArgumentParser) -> None:
+    """NxD Inference's speculative-decoding options, plus prompt lookup (no draft model)."""
+    _add(parser, "--draft-model-path", default=None,
+         help="HF checkpoint of a smaller model with the same tokenizer: it proposes tokens the target checks "
+              "(greedy output is the target's, token for token; sampling keeps the target's distribution)")
+    _add(parser, "--speculation-length", type=int, default=None,
+         help="tokens proposed per target forward (default 4 when speculating; 0 turns speculation off)")
+    _add(parser, "--speculation-type", choices=["draft", "ngram"], default=None,
+         help="draft: a draft model proposes (the default with --draft-model-path); ngram: prompt lookup, the "
+              "tokens that followed the latest suffix's earlier occurrence in the prompt or output")
+    _add(parser, "--draft-model-tp-degree", type=int, default=None,
+         help="ranks the draft is sharded over: the target's TP degree (default: each rank holds its slice) or "
+              "1 (each rank holds the whole draft and runs it without communication)")
+
+
 def _add_preshard_flags(parser: argparse.ArgumentParser, required: bool = False) -> None:
     _add(parser, "--compiled-model-path", default=None, required=required,
          help="directory of the pre-sharded checkpoint (weights/ inside it)")
@@ -248,6 +264,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         verify=args.verify, start_rank_id=args.start_rank_id, local_ranks_size=args.local_ranks_size,
         partition_config=args.partition_config, partition=args.partition,
         sequence_parallel=args.sequence_parallel_enabled, task_type=args.task_type, model_type=args.model_type,
+        draft_model_path=args.draft_model_path, speculation_length=args.speculation_length,
+        speculation_type=args.speculation_type, draft_model_tp_degree=args.draft_model_tp_degree,
     )
     result = run(opts)
     if result.texts and result.task == "causal-lm":

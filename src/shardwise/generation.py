@@ -42,9 +42,11 @@ class Generated:
     cache_bytes: int = 0
 
 
-def sample(logits: torch.Tensor, cfg: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+def distribution(logits: torch.Tensor, cfg: Sampling) -> torch.Tensor:
+    """The probabilities ``sample`` draws from (last dimension): temperature, then top-k, then top-p;
+    a one-hot on the argmax when greedy. Speculative sampling needs them explicitly (p and q)."""
     if cfg.greedy:
-        return logits.argmax(-1)
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits.float() / cfg.temperature
     if cfg.top_k > 1:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -54,7 +56,13 @@ def sample(logits: torch.Tensor, cfg: Sampling, gen: torch.Generator | None) -> 
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+    return logits.softmax(-1)
+
+
+def sample(logits: torch.Tensor, cfg: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    if cfg.greedy:
+        return logits.argmax(-1)
+    return torch.multinomial(distribution(logits, cfg), 1, generator=gen).squeeze(-1)
 
 
 def _mask(key_valid: torch.Tensor, key_pos: torch.Tensor, q_slots: torch.Tensor, q_pos: torch.Tensor,
