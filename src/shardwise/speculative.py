@@ -260,7 +260,7 @@ def speculative_generate(
             q_rows = [q_all[i] if q_all is not None else None for i in range(batch)]
         width = max(len(proposals[i]) for i in active)
         # 2. The target scores the last token and every proposal in one forward.
-        tokens = torch.full((batch, width + 1), pad_token_id, dtype=torch.long)
+        tokens = torch.zeros(batch, width + 1, dtype=torch.long)  # unused slots: any real id
         tvalid = torch.zeros(batch, width + 1, dtype=torch.bool)
         tpos = torch.zeros(batch, width + 1, dtype=torch.long)
         for i in range(batch):
