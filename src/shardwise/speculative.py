@@ -45,14 +45,17 @@ class Speculation:
     kind: str = DRAFT
     length: int = 4
     ngram_max: int = 3
+    ngram_min: int = 2  # a single recurring token predicts little in free text
+    adaptive: bool = True  # per row: propose 2 more after a round that kept every proposal, 1 fewer otherwise
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ShardwiseError(f"unknown speculation type {self.kind!r}; expected one of {', '.join(KINDS)}")
         if not 1 <= self.length <= 64:
             raise ShardwiseError(f"--speculation-length must be between 1 and 64, not {self.length}")
-        if not 1 <= self.ngram_max <= 16:
-            raise ShardwiseError(f"the n-gram size must be between 1 and 16, not {self.ngram_max}")
+        if not 1 <= self.ngram_min <= self.ngram_max <= 16:
+            raise ShardwiseError(f"n-gram sizes must satisfy 1 <= min <= max <= 16, not "
+                                 f"{self.ngram_min}..{self.ngram_max}")
 
 
 @dataclass
@@ -118,15 +121,15 @@ class _Stream:
         self.valid[row, first:end] = False
 
 
-def propose_ngram(sequence: list[int], k: int, ngram_max: int) -> list[int]:
+def propose_ngram(sequence: list[int], k: int, ngram_max: int, ngram_min: int = 1) -> list[int]:
     """Prompt lookup: up to ``k`` tokens that followed an earlier occurrence of the longest suffix
-    (``ngram_max`` tokens down to 1) of ``sequence`` that recurs; none when nothing does.
+    (``ngram_max`` tokens down to ``ngram_min``) of ``sequence`` that recurs; none when nothing does.
 
     Of the occurrences, the earliest with ``k`` tokens after it wins (the copied passage, or one whole
     period of a loop), else the one with the most.
     """
     n_tokens = len(sequence)
-    for n in range(min(ngram_max, n_tokens - 1), 0, -1):
+    for n in range(min(ngram_max, n_tokens - 1), ngram_min - 1, -1):
         suffix = sequence[-n:]
         best: list[int] = []
         for start in range(n_tokens - n):
@@ -248,15 +251,19 @@ def speculative_generate(
     # Tokens each model has not run yet, per row: the target always one (the last emitted), the draft
     # one or two (two when it proposed K tokens that were all accepted: it never ran the last of them).
     draft_pending = [[s[-1]] for s in sequences]
+    budget = [k] * batch  # proposals per row this round
     while not all(done):
         active = [i for i in range(batch) if not done[i]]
         # 1. Proposals.
         q_rows: list[torch.Tensor | None] = [None] * batch
         if drafter is None:
-            proposals = [propose_ngram(sequences[i], k, speculation.ngram_max) if not done[i] else []
+            proposals = [propose_ngram(sequences[i], budget[i], speculation.ngram_max, speculation.ngram_min)
+                         if not done[i] else []
                          for i in range(batch)]
         else:
-            proposals, q_all = _draft_round(drafter, draft_pending, sequences, k, sampling, gen, comm, stats)
+            steps = max(budget[i] for i in active)
+            proposals, q_all = _draft_round(drafter, draft_pending, sequences, steps, sampling, gen, comm, stats)
+            proposals = [row[:budget[i]] for i, row in enumerate(proposals)]
             q_rows = [q_all[i] if q_all is not None else None for i in range(batch)]
         width = max(len(proposals[i]) for i in active)
         # 2. The target scores the last token and every proposal in one forward.
@@ -290,14 +297,16 @@ def speculative_generate(
             stats.emitted += kept + 1
             stats.row_rounds += 1
             most = max(most, kept)
+            if speculation.adaptive and n:  # as HF's assisted generation schedules its draft length
+                budget[i] = min(k, budget[i] + 2) if kept == n else max(1, budget[i] - 1)
             target.invalidate(i, start + 1 + kept, start + width + 1)
             if drafter is not None:
                 drafter.invalidate(i, drafter.round_start + 2 + kept, drafter.next_slot)
-                draft_pending[i] = ([proposals[i][-1]] if kept == n == k else []) + [nxt]
+                draft_pending[i] = ([proposals[i][-1]] if kept == n == steps else []) + [nxt]
             emit(i, proposals[i][:kept] + [nxt])
         target.next_slot = start + 1 + most
         if drafter is not None:
-            drafter.next_slot = drafter.round_start + 2 + min(most, k - 1)
+            drafter.next_slot = drafter.round_start + 2 + min(most, steps - 1)
     t2 = time.perf_counter()
     generated = Generated(out, t1 - t0, t2 - t1, sum(len(p) for p in prompts), stats.target_forwards, [],
                           target.cache.nbytes + (drafter.cache.nbytes if drafter else 0))
