@@ -201,15 +201,18 @@ def _claim(device: str, rank: int, run_key: str) -> None:
 def init_group(backend: str | None = None, **kwargs) -> None:
     """Create the default process group for the bound device (``bind_device`` first).
 
-    ``backend`` defaults to the device's (``backend_for``); simulated GPUs run gloo, declared as the
-    CUDA run's backend so the checks judge the group a GPU run would have.
+    ``backend`` defaults to the device's (``backend_for``). Simulated GPUs run gloo, declared as the
+    backend asked for (``"gloo"`` counts as the CUDA run's ``backend_for``), so the checks judge the
+    group a GPU run would have: asked for ``"nccl"``, host tensors have no CPU backend to go through.
     """
     device = _STATE.device
     if device is None:
         if checking():
             _violation("the process group was created before this rank's device was bound")
         device = "cpu"
-    declared = backend_for(device) if _STATE.simulated else (backend or backend_for(device))
+    declared = backend or backend_for(device)
+    if _STATE.simulated and declared == "gloo":  # a CPU launcher's default: judge the group a GPU run gets
+        declared = backend_for(device)
     _STATE.backend = declared
     dist.init_process_group("gloo" if _STATE.simulated else declared, **kwargs)
 
@@ -279,7 +282,7 @@ def state_to_device(state: dict[str, torch.Tensor], device: str | torch.device,
     changes. ``pinned=False`` runs the same chunked copy without pinned memory (for tests on CPU).
     """
     target = torch_device(device)
-    if target.type == "cpu":
+    if target.type == "cpu" and pinned is None:
         if _STATE.simulated and str(device) == _STATE.device:
             return {n: put(t, device) for n, t in state.items()}
         return state
