@@ -155,12 +155,12 @@ def simulated_run(tiny_models, tmp_path_factory):
     return torch.load(out)
 
 
-def _plain_generate(path, sampling=None):
+def _plain_generate(path, sampling=None, prompts=PROMPTS):
     from shardwise import generate, load_sharded
     from shardwise.generation import Sampling
 
     model = load_sharded(path, "float32")
-    return generate(model.module, PROMPTS, NEW_TOKENS, 0, (), sampling or Sampling(), comm=model.comm).tokens
+    return generate(model.module, prompts, NEW_TOKENS, 0, (), sampling or Sampling(), comm=model.comm).tokens
 
 
 @pytest.mark.slow
@@ -239,6 +239,31 @@ def test_cli_run_logs_the_device_check_summary(smollm2, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if "device checks:" in line]
     assert len(lines) == 1 and lines[0].endswith("collectives checked, 0 violations"), proc.stderr[-2000:]
     assert int(lines[0].split("device checks: ")[1].split()[0]) > 30 * 8  # 30 layers x 2 all-reduces a token
+
+
+@pytest.mark.slow
+def test_engine_on_simulated_gpus_passes_the_checks(tiny_models, tmp_path, monkeypatch):
+    """The resident engine's path too: step headers and plans (host helpers), engine-sampled tokens,
+    a weight swap (weights staged to the device, errors gathered as objects)."""
+    import shutil
+
+    from conftest import save_word_tokenizer
+
+    from shardwise.engine import Engine
+    from shardwise.generation import Sampling
+
+    monkeypatch.setenv("SHARDWISE_CHECK_DEVICES", "1")
+    path = tmp_path / "model"
+    shutil.copytree(tiny_models["gqa9_tied"], path)
+    save_word_tokenizer(path, json.loads((path / "config.json").read_text())["vocab_size"])
+    with Engine(model_path=str(path), tp_degree=2, seq_len=32, max_batch_size=2, device="cuda") as engine:
+        greedy = engine.generate([PROMPTS[0]], max_new_tokens=NEW_TOKENS)[0].token_ids
+        sampled = engine.generate([PROMPTS[1]], Sampling(top_k=8, seed=2), max_new_tokens=NEW_TOKENS)[0].token_ids
+        engine.swap_weights(str(path))
+        again = engine.generate([PROMPTS[0]], max_new_tokens=NEW_TOKENS)[0].token_ids
+    monkeypatch.delenv("SHARDWISE_CHECK_DEVICES")
+    expected = _plain_generate(str(path), None, [PROMPTS[0]])[0]
+    assert greedy == again == expected[:len(greedy)] and len(sampled) >= 1
 
 
 # -- a real GPU, when there is one ----------------------------------------------------------------------
