@@ -24,8 +24,16 @@ import pytest
 import torch
 
 from shardwise.errors import ShardwiseError
-from shardwise.parallel import devices as dev
 from shardwise.parallel.launch import default_backend, launch
+
+try:
+    from shardwise.parallel import devices as dev
+except ImportError:  # code without a device layer (the old code): each test fails on its own, saying so
+    class _Missing:
+        def __getattr__(self, name):
+            raise AssertionError(f"no device layer: shardwise.parallel.devices.{name} does not exist")
+
+    dev = _Missing()
 
 PROMPTS = [[3, 17, 5, 9, 11, 2], [7, 1, 4]]
 NEW_TOKENS = 6
