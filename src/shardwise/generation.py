@@ -14,6 +14,7 @@ import torch
 
 from .kv_cache import KVCache
 from .parallel.comm import Collectives
+from .parallel.devices import put, synchronize, to_host, torch_device
 from .protocol import Model
 
 
@@ -100,6 +101,10 @@ def generate(
     or top-k/top-p/temperature sampling, seeded. Returns the new tokens with prefill and decode timings;
     ``keep_logits`` also keeps each step's logits (for accuracy checks). Greedy output is token for token
     what HF transformers generates on one process.
+
+    On a GPU, ids, masks, positions and sampling stay on the device: the prompt's tensors are moved
+    once, each step's tokens are chosen (and, when sampled, broadcast) on the device and fed back as
+    the next input; the host sees one small copy of the tokens per step, for EOS bookkeeping.
     """
     comm = comm or Collectives()
     batch, longest = len(prompts), max(len(p) for p in prompts)
@@ -117,33 +122,32 @@ def generate(
     key_pos[:, longest:] = key_pos[:, longest - 1:longest] + torch.arange(1, max_new_tokens + 1)
     window = model.config.sliding_window
     cache = KVCache(model.config.num_layers, total)
-    model.prepare(total, device)
-    gen = torch.Generator().manual_seed(sampling.seed)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    model.prepare(total, torch_device(device))
+    gen = torch.Generator(torch_device(device)).manual_seed(sampling.seed)  # sampling on the device
 
     t0 = time.perf_counter()
     positions = key_pos[:, :longest]
     mask = _mask(key_valid[:, :longest], positions, torch.arange(longest), positions, window)
-    logits = model(ids.to(device), positions.to(device), mask.to(device), cache, 0)[:, -1].float()
-    tokens = _choose(logits.cpu(), sampling, gen, comm)
-    sync()
+    logits = model(put(ids, device), put(positions, device), put(mask, device), cache, 0)[:, -1].float()
+    tokens = _choose(logits, sampling, gen, comm)
+    synchronize(device)
     t1 = time.perf_counter()
 
     # Decode masks: the query at slot s sees slots 0..s that are valid (and, with a sliding window,
     # within the window of its position); step s uses a slice of a tensor built once, never a new one.
-    dev_pos = key_pos.to(device)
+    dev_pos = put(key_pos, device)
     if window is None:
-        step_masks = key_valid.to(device)[:, None, None, :]  # [batch, 1, 1, total]; step s: [..., :s + 1]
+        step_masks = put(key_valid, device)[:, None, None, :]  # [batch, 1, 1, total]; step s: [..., :s + 1]
     elif batch * max_new_tokens * total <= MASK_TABLE_LIMIT:
         q_pos = key_pos[:, longest:, None]  # [batch, steps, 1]
         table = key_valid[:, None, :] & ((q_pos - key_pos[:, None, :]) < window)
-        step_masks = table.to(device)[:, None, :, None, :]  # [batch, 1, steps, 1, total]
+        step_masks = put(table, device)[:, None, :, None, :]  # [batch, 1, steps, 1, total]
     else:
         step_masks = None
     eos = set(eos_token_ids)
     out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
-    kept = [logits.cpu()] if keep_logits else []
+    kept = [to_host(logits)] if keep_logits else []
     steps = 0
     for step in range(max_new_tokens):
         for i, t in enumerate(tokens.tolist()):
@@ -158,15 +162,15 @@ def generate(
         elif step_masks is not None:
             mask = step_masks[:, :, step, :, : slot + 1]
         else:
-            mask = _mask(key_valid[:, : slot + 1], key_pos[:, : slot + 1], torch.tensor([slot]),
-                         key_pos[:, slot:slot + 1], window).to(device)
-        logits = model(tokens[:, None].to(device), dev_pos[:, slot:slot + 1], mask, cache, slot)
+            mask = put(_mask(key_valid[:, : slot + 1], key_pos[:, : slot + 1], torch.tensor([slot]),
+                             key_pos[:, slot:slot + 1], window), device)
+        logits = model(tokens[:, None], dev_pos[:, slot:slot + 1], mask, cache, slot)  # tokens: on the device
         logits = logits[:, -1].float()
-        tokens = _choose(logits.cpu(), sampling, gen, comm)
+        tokens = _choose(logits, sampling, gen, comm)
         if keep_logits:
-            kept.append(logits.cpu())
+            kept.append(to_host(logits))
         steps += 1
-    sync()
+    synchronize(device)
     t2 = time.perf_counter()
     prompt_tokens = sum(len(p) for p in prompts)
     return Generated(out, t1 - t0, t2 - t1, prompt_tokens, steps, kept, cache.nbytes)
@@ -175,6 +179,7 @@ def generate(
 def _choose(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator, comm: Collectives) -> torch.Tensor:
     tokens = sample(logits, sampling, gen)
     if not sampling.greedy:
-        # Ranks hold identical logits, but one draw broadcast from rank 0 makes agreement certain.
+        # Ranks hold identical logits, but one draw broadcast from rank 0 makes agreement certain. The
+        # tokens are on the logits' device: a device collective, never a host tensor on NCCL.
         comm.broadcast(tokens)
     return tokens

@@ -23,6 +23,7 @@ from .dtypes import name_of, resolve_dtype
 from .errors import ShardwiseError
 from .generation import Generated, Sampling, generate
 from .mesh import Mesh
+from .parallel import devices as dev
 from .parallel.comm import Collectives
 from .parallel.launch import default_backend, launch, threads_per_rank
 from .parallelize import check_runtime
@@ -102,7 +103,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     if rank != 0:
         logging.getLogger("shardwise").setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    device = devices[rank] if devices else opts.device
+    device = dev.bound_device() or (devices[rank] if devices else opts.device)  # bound by launch
     sharded, comm = load_rank_model(opts, rank, device)
     shard_s, load_s = comm.max_over_ranks([sharded.stats.seconds, time.perf_counter() - t0])
     log.info("Done sharding weights in %.3f seconds", shard_s)
@@ -209,9 +210,8 @@ def load_draft(opts: RunOptions, comm: Collectives, device: str) -> ShardedModel
 
 def load_rank_model(opts: RunOptions, rank: int, device: str) -> tuple[ShardedModel, Collectives]:
     """Inside a rank: this rank's part of the model the options describe, loaded the way they say
-    (shard on load, or pre-sharded files), once every rank has loaded."""
-    if device.startswith("cuda:"):
-        torch.cuda.set_device(device)
+    (shard on load, or pre-sharded files), once every rank has loaded. ``device`` is the rank's bound
+    device (``devices.bind_device`` ran before its process group was created)."""
     comm = Collectives()
     plan = run_plan(opts, load_config(opts.model_path))
     weights = "presharded" if opts.skip_sharding or opts.save_sharded_checkpoint else "auto"
@@ -275,7 +275,10 @@ def validate(opts: RunOptions):
     config = load_config(opts.model_path)
     from .checkpoint import CheckpointSource
 
-    plan, mesh, _ = resolve_ranks(opts, config)
+    plan, mesh, topology = resolve_ranks(opts, config)
+    if topology is None:  # e.g. --device cuda:1 cannot serve several local ranks
+        dev.rank_device(opts.device, opts.start_rank_id, opts.start_rank_id, None,
+                        opts.local_ranks_size or mesh.world_size - opts.start_rank_id)
     if not opts.skip_sharding:
         source = CheckpointSource(opts.model_path)  # raises if no weights
         # The whole layout, from headers alone: plan errors surface here, before any rank starts.
@@ -379,7 +382,8 @@ def run(opts: RunOptions) -> RunResult:
     with tempfile.TemporaryDirectory(prefix="shardwise-") as tmp:
         result_path = str(Path(tmp) / "rank0.pt")
         launch(_rank_main, world, (opts, batches, pad_id, eos, result_path, devices),
-               default_backend(opts.device), opts.start_rank_id, opts.local_ranks_size, threads=local_threads)
+               default_backend(opts.device), opts.start_rank_id, opts.local_ranks_size, threads=local_threads,
+               device=opts.device, devices=devices)
         if not Path(result_path).exists():  # a rank other than 0 under torchrun: rank 0 reports
             return RunResult([], [], 0, 0, 0, 0)
         data = torch.load(result_path)
