@@ -255,3 +255,41 @@ def test_prompt_lookup_on_smollm2_at_tp2(smollm2):
     assert grab and [line for line in looked.stdout.splitlines() if line.startswith("Output")] == grab
     line = next(line for line in looked.stderr.splitlines() if "Speculation (" in line)
     assert float(line.split("acceptance ")[1].split("%")[0]) > 50, line
+
+
+def _speculate_on_simulated_gpus(rank, world, target, draft, result_file):
+    from shardwise.parallel import devices as dev
+
+    device = dev.bound_device()
+    t = load_sharded(target, "float32", device=device)
+    d = load_sharded(draft, "float32", comm=t.comm, device=device)
+    out = {}
+    for name, sampling in (("greedy", Sampling()), ("sampled", Sampling(top_k=8, temperature=0.9, seed=3))):
+        g, _ = speculative_generate(t.module, PROMPTS, 10, 0, (), Speculation("draft", 3), sampling, t.comm,
+                                    draft=d.module, device=device)
+        out[name] = g.tokens
+    g, _ = speculative_generate(t.module, PROMPTS, 10, 0, (), Speculation("ngram", 3), Sampling(), t.comm,
+                                device=device)
+    out["ngram"] = g.tokens
+    out["checks"] = dev.checked_count()
+    if rank == 0:
+        torch.save(out, result_file)
+
+
+def test_speculation_passes_the_device_checks(models, tmp_path, monkeypatch):
+    """At TP 2 on simulated GPUs (SHARDWISE_CHECK_DEVICES=1): every collective of speculation, greedy and
+    sampled, gets tensors on the rank's device or goes through the host helpers; greedy output is the
+    plain CPU output."""
+    from shardwise.parallel.launch import default_backend, launch
+
+    target_path, draft_path = models["gqa9_tied"]
+    monkeypatch.setenv("SHARDWISE_CHECK_DEVICES", "1")
+    result = tmp_path / "r.pt"
+    launch(_speculate_on_simulated_gpus, 2, (str(target_path), str(draft_path), str(result)),
+           default_backend("cuda"), device="cuda")
+    out = torch.load(result)
+    checked, violations = out["checks"]
+    assert violations == 0 and checked > 0
+    want = generate(_load(target_path), PROMPTS, 10, 0, ()).tokens
+    assert out["greedy"] == want and out["ngram"] == want
+    assert all(1 <= len(row) <= 10 for row in out["sampled"])

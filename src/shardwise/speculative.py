@@ -30,6 +30,7 @@ import torch
 from .errors import ShardwiseError
 from .generation import Generated, Sampling, distribution
 from .kv_cache import KVCache
+from .parallel import devices as dev
 from .parallel.comm import Collectives
 from .protocol import Model
 
@@ -112,10 +113,11 @@ class _Stream:
             allowed &= (pos[:, :, None] - self.pos[:, None, :end]) < self.window
         allowed |= slots[None, None, :] == q_slots[None, :, None]  # a padding query sees itself: no NaN row
         d = self.device
-        logits = self.model(tokens.to(d), pos.to(d), allowed.unsqueeze(1).to(d), self.cache, start,
+        logits = self.model(dev.put(tokens, d), dev.put(pos, d), dev.put(allowed.unsqueeze(1), d), self.cache, start,
                             last_only=last_only)
         self.next_slot = end
-        return logits.float().cpu()
+        # Acceptance is a few comparisons per row: decided on the host, where every rank has the same logits.
+        return dev.to_host(logits.float())
 
     def invalidate(self, row: int, first: int, end: int) -> None:
         self.valid[row, first:end] = False
@@ -210,11 +212,11 @@ def speculative_generate(
     capacity = longest + min(max_new_tokens * (k + 1), batch * (max_new_tokens + k + 1)) + 2 * (k + 2)
     max_pos = longest + max_new_tokens + k + 2
     target = _Stream(model, batch, capacity, device)
-    model.prepare(max_pos, device)
+    model.prepare(max_pos, dev.torch_device(device))
     drafter = None
     if speculation.kind == DRAFT:
         drafter = _Stream(draft, batch, capacity + max_new_tokens + 1, draft_device or device)
-        draft.prepare(max_pos, draft_device or device)
+        draft.prepare(max_pos, dev.torch_device(draft_device or device))
     gen = torch.Generator().manual_seed(sampling.seed)
     eos = set(eos_token_ids)
     stats = SpeculationStats()
@@ -230,7 +232,7 @@ def speculative_generate(
     t0 = time.perf_counter()
     logits = target.forward(ids, valid, pos, last_only=True)[:, -1]
     first = _sample_rows(logits, sampling, gen)
-    first = comm.broadcast(first) if not sampling.greedy else first
+    first = comm.host_broadcast(first) if not sampling.greedy else first
     if drafter is not None:
         drafter.forward(ids, valid, pos, last_only=True)
     t1 = time.perf_counter()
@@ -287,7 +289,7 @@ def speculative_generate(
             q = q_rows[i][:n] if q_rows[i] is not None else None
             decided[i, 0], decided[i, 1] = _accept(p, q, proposals[i], sampling, gen)
         if not sampling.greedy:
-            decided = comm.broadcast(decided)
+            decided = comm.host_broadcast(decided)
         most = 0
         for i in active:
             kept, nxt = decided[i].tolist()
@@ -341,7 +343,7 @@ def _draft_round(drafter: _Stream, pending: list[list[int]], sequences: list[lis
             dists.append(q)
         chosen = _sample_rows(logits, sampling, gen, q)
         if not sampling.greedy:
-            chosen = comm.broadcast(chosen)
+            chosen = comm.host_broadcast(chosen)
         for i, t in enumerate(chosen.tolist()):
             proposals[i].append(t)
         if j == k - 1:
