@@ -130,13 +130,17 @@ def propose_ngram(sequence: list[int], k: int, ngram_max: int, ngram_min: int = 
     Of the occurrences, the earliest with ``k`` tokens after it wins (the copied passage, or one whole
     period of a loop), else the one with the most.
     """
-    n_tokens = len(sequence)
-    for n in range(min(ngram_max, n_tokens - 1), ngram_min - 1, -1):
+    if len(sequence) < 2:
+        return []
+    last = sequence[-1]
+    # Where the last token occurred before (one pass at C speed), then the longer suffixes among those.
+    ends = [i for i, t in enumerate(sequence[:-1]) if t == last]
+    for n in range(min(ngram_max, len(sequence) - 1), ngram_min - 1, -1):
         suffix = sequence[-n:]
         best: list[int] = []
-        for start in range(n_tokens - n):
-            if sequence[start:start + n] == suffix:
-                follow = sequence[start + n:start + n + k]
+        for end in ends:
+            if end + 1 >= n and sequence[end + 1 - n:end + 1] == suffix:
+                follow = sequence[end + 1:end + 1 + k]
                 if len(follow) > len(best):
                     best = follow
                     if len(best) == k:
