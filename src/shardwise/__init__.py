@@ -2,6 +2,7 @@
 
 from .config import ModelConfig, load_config
 from .conformance import model_layout
+from .custom import Buckets, ParallelModel, apply_plan, launch, load
 from .engine import Completion, Engine, EngineOptions
 from .errors import ShardwiseError
 from .generation import Sampling, generate
@@ -12,9 +13,9 @@ from .runner import RunOptions, RunResult, run
 from .sharded_model import ShardedModel, load_sharded
 
 __all__ = [
-    "Completion", "Engine", "EngineOptions", "Layout", "Mesh", "ModelConfig", "Plan", "RunOptions", "RunResult",
+    "Buckets", "Completion", "Engine", "EngineOptions", "Layout", "Mesh", "ModelConfig", "ParallelModel", "Plan", "RunOptions", "RunResult",
     "Sampling", "ShardedModel",
-    "ShardwiseError", "builtin_plan", "compute_layout", "generate", "load_config", "load_plan", "load_sharded",
+    "ShardwiseError", "apply_plan", "builtin_plan", "compute_layout", "generate", "launch", "load", "load_config", "load_plan", "load_sharded",
     "model_layout", "resolve_plan", "run",
 ]
 __version__ = "0.1.0"
