@@ -29,7 +29,7 @@ from ..config import ModelConfig
 from ..dtypes import safetensors_code
 from ..errors import ShardwiseError
 from ..layout import Layout, ShardSlice, check_tp_degree, compute_layout
-from ..parallel.comm import Collectives
+from ..parallel.comm import Collectives, default_collectives
 from ..parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from ..parallelize import check_runtime, parallelize
 from ..plan import TENSOR_AXIS, Plan, Rule, _parse, load_plan, spec_axes
@@ -153,7 +153,7 @@ def apply_plan(model: nn.Module, plan: Plan | str | Path | dict, comm: Collectiv
     weights they are sliced into them, if it is on the meta device the weights come later (a
     checkpoint, sliced on load). ``heads``/``kv_heads`` default to ``model.config``'s.
     """
-    comm = comm or Collectives()
+    comm = comm or default_collectives()
     params = dict(model.named_parameters())
     if not params:
         raise ShardwiseError(f"{type(model).__name__} has no parameters to split")
@@ -185,7 +185,7 @@ def layout_of(model: nn.Module, comm: Collectives | None = None) -> Layout:
     layout = getattr(model, LAYOUT_ATTR, None)
     if layout is not None:
         return layout
-    comm = comm or Collectives()
+    comm = comm or default_collectives()
     world = comm.world_size
     shapes, rules, splits = {}, [], []
     for name, p in model.named_parameters():

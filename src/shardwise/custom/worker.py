@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import settings
 from ..dtypes import to_torch
-from ..parallel.comm import Collectives
+from ..parallel.comm import Collectives, default_collectives
 from .builder import Builder
 from .plans import apply_plan, layout_of
 from .weights import assign, load_checkpoint, load_saved, load_state, replace_into, save_rank
@@ -144,7 +144,7 @@ def rank_entry(rank: int, world: int, init_method: str, backend: str, threads: i
 
 def serve(rank: int, spec: RankSpec, conn) -> None:
     t0 = time.perf_counter()
-    comm = Collectives()
+    comm = default_collectives()
     model = build(spec, comm)
     layout = layout_of(model, comm)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

@@ -106,3 +106,20 @@ class Collectives:
         if mine is None:
             raise ValueError(f"rank {dist.get_rank()} is in no part of {partition}")
         return Collectives(mine, **options)
+
+
+_DEFAULT: tuple[object, Collectives] | None = None
+
+
+def default_collectives() -> Collectives:
+    """One ``Collectives`` of the default process group per process, shared by every layer built without one.
+
+    Building one costs a collective (do all ranks share a machine?) and a shared-memory segment, so
+    model code that creates many ``shardwise.parallel`` layers itself (NxD's way) must not make one
+    per layer. It is rebuilt when the default group changes (destroyed and initialised again).
+    """
+    global _DEFAULT
+    group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    if _DEFAULT is None or _DEFAULT[0] is not group:
+        _DEFAULT = (group, Collectives())
+    return _DEFAULT[1]
