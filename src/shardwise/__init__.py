@@ -13,9 +13,9 @@ from .runner import RunOptions, RunResult, run
 from .sharded_model import ShardedModel, load_sharded
 
 __all__ = [
-    "Buckets", "Completion", "Engine", "EngineOptions", "Layout", "Mesh", "ModelConfig", "ParallelModel", "Plan", "RunOptions", "RunResult",
-    "Sampling", "ShardedModel",
-    "ShardwiseError", "apply_plan", "builtin_plan", "compute_layout", "generate", "launch", "load", "load_config", "load_plan", "load_sharded",
-    "model_layout", "resolve_plan", "run",
+    "Buckets", "Completion", "Engine", "EngineOptions", "Layout", "Mesh", "ModelConfig", "ParallelModel", "Plan",
+    "RunOptions", "RunResult", "Sampling", "ShardedModel", "ShardwiseError", "apply_plan", "builtin_plan",
+    "compute_layout", "generate", "launch", "load", "load_config", "load_plan", "load_sharded", "model_layout",
+    "resolve_plan", "run",
 ]
 __version__ = "0.1.0"

@@ -82,7 +82,7 @@ def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module | None, str]:
 
 def _complete(plan: Plan, model: nn.Module, names: list[str]) -> Plan:
     """The plan with the family knowledge a plain module implies, and column-parallel biases filled in."""
-    splits, rules = [], list(plan.rules)
+    splits, rules, units = [], list(plan.rules), []
     for name in names:
         module_name, module, attr = _owner(model, name)
         if isinstance(module, (nn.Linear, nn.Embedding)) and attr == "weight":
@@ -92,8 +92,12 @@ def _complete(plan: Plan, model: nn.Module, names: list[str]) -> Plan:
             column = weight is not None and TENSOR_AXIS in spec_axes(weight[0])
             if column and plan.spec_for(name) is None:
                 rules.append(Rule(name, (weight[0],)))
+            weight_units = plan.units_for(f"{module_name}.weight")
+            if column and weight_units and not plan.units_for(name):
+                units.append((name, weight_units[:1]))  # whole heads for the bias too
             splits.append((name, ("pad",) if column else (None,)))
-    return replace(plan, rules=tuple(rules), tp_splits=tuple(plan.tp_splits) + tuple(splits))
+    return replace(plan, rules=tuple(rules), tp_splits=tuple(plan.tp_splits) + tuple(splits),
+                   units=tuple(plan.units) + tuple(units))
 
 
 def _check_heads(model: nn.Module, layout: Layout, config: CustomConfig, plan: Plan) -> None:

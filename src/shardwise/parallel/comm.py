@@ -36,6 +36,7 @@ class Collectives:
     def __init__(self, group: dist.ProcessGroup | None = None, fast: bool | None = None, **shm_options):
         self.group = group
         self.shm: shm.ShmCollectives | None = None
+        self.handle = _handle(self)  # how the compiled-graph ops find this object (see _all_reduce_op)
         if dist.is_available() and dist.is_initialized():
             self.world_size = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
@@ -58,7 +59,9 @@ class Collectives:
         return self.shm is not None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over ranks, in place."""
+        """Sum ``x`` over ranks, in place (under ``torch.compile``: into a new tensor, as an opaque op)."""
+        if self.world_size > 1 and torch.compiler.is_compiling():
+            return torch.ops.shardwise.all_reduce(x, self.handle)
         if self.world_size > 1:
             if self.shm is not None and x.device.type == "cpu" and x.dtype in shm.REDUCIBLE:
                 return self.shm.all_reduce(x)
@@ -69,6 +72,8 @@ class Collectives:
         """Concatenate every rank's ``x`` along ``dim``, in rank order."""
         if self.world_size == 1:
             return x
+        if torch.compiler.is_compiling():
+            return torch.ops.shardwise.all_gather(x, self.handle, dim % x.dim(), self.world_size)
         if self.shm is not None and x.device.type == "cpu":
             return self.shm.all_gather(x, dim)
         x = x.contiguous()
@@ -123,3 +128,47 @@ def default_collectives() -> Collectives:
     if _DEFAULT is None or _DEFAULT[0] is not group:
         _DEFAULT = (group, Collectives())
     return _DEFAULT[1]
+
+
+# Collectives as opaque custom ops under torch.compile: without them dynamo breaks the graph at every
+# collective (the shared-memory path is plain Python over a mapped file), so one forward would be
+# dozens of graphs. Eager calls never go through these; the ops find their Collectives by handle.
+_BY_HANDLE: dict[int, Collectives] = {}
+
+
+def _handle(comm: Collectives) -> int:
+    _BY_HANDLE[id(comm)] = comm
+    return id(comm)
+
+
+@torch.library.custom_op("shardwise::all_reduce", mutates_args=())
+def _all_reduce_op(x: torch.Tensor, handle: int) -> torch.Tensor:
+    comm = _BY_HANDLE[handle]
+    y = x.clone()
+    if comm.shm is not None and y.device.type == "cpu" and y.dtype in shm.REDUCIBLE:
+        return comm.shm.all_reduce(y)
+    dist.all_reduce(y, group=comm.group)
+    return y
+
+
+@_all_reduce_op.register_fake
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("shardwise::all_gather", mutates_args=())
+def _all_gather_op(x: torch.Tensor, handle: int, dim: int, world: int) -> torch.Tensor:
+    comm = _BY_HANDLE[handle]
+    if comm.shm is not None and x.device.type == "cpu":
+        return comm.shm.all_gather(x, dim)
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x, group=comm.group)
+    return torch.cat(parts, dim=dim)
+
+
+@_all_gather_op.register_fake
+def _(x: torch.Tensor, handle: int, dim: int, world: int) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] *= world
+    return x.new_empty(shape)
