@@ -102,6 +102,8 @@ def test_bad_calls_are_one_line_errors_and_the_model_keeps_running(launched):
         model(**_inputs(1, 40, 0))
     with pytest.raises(ShardwiseError, match="a launched model takes tensors"):
         model(input_ids=object())
+    with pytest.raises(ShardwiseError, match="takes at most 9 positional inputs, got 10"):
+        model(*[torch.ones(1, 4, dtype=torch.long)] * 10)
     with pytest.raises(ShardwiseError, match="lacks 1 of the model's .* parameters, e.g. embeddings.LayerNorm.bias"):
         model.replace_weights({k: v for k, v in launched.reference.state_dict().items()
                                if k != "embeddings.LayerNorm.bias"})

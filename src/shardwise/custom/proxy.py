@@ -119,6 +119,7 @@ class ParallelModel:
         self.layout = ready[0]["layout"]
         self.dtype = ready[0]["dtype"]
         self.load_seconds = max(r["seconds"] for r in ready.values())
+        self._signature = ready[0]["signature"]
 
     @property
     def rank_pids(self) -> list[int]:
@@ -186,6 +187,12 @@ class ParallelModel:
         """One forward on every rank; rank 0's outputs, as CPU tensors in the module's output structure."""
         _check_inputs(args, "inputs")
         _check_inputs(kwargs, "keyword inputs")
+        names, positional, any_keyword = self._signature
+        unknown = [k for k in kwargs if k not in names]
+        if unknown and not any_keyword:
+            raise ShardwiseError(f"the model's forward has no input {unknown[0]!r}; it takes {', '.join(names)}")
+        if positional is not None and len(args) > positional:
+            raise ShardwiseError(f"the model's forward takes at most {positional} positional inputs, got {len(args)}")
         unpad: Callable = lambda out: out  # noqa: E731
         if self.buckets is not None:
             args, kwargs, unpad = self.buckets.pad(args, kwargs)

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import settings
 from ..dtypes import to_torch
+from ..errors import ShardwiseError
 from ..parallel.comm import Collectives, default_collectives
 from .builder import Builder
 from .plans import apply_plan, layout_of
@@ -97,13 +98,34 @@ class Forward:
     def __call__(self, args: tuple, kwargs: dict):
         before = self.graphs() if self.compiled else 0
         with torch.no_grad():
-            out = self.fn(*args, **kwargs)
+            try:
+                out = self.fn(*args, **kwargs)
+            except (TypeError, ValueError, IndexError, RuntimeError) as exc:  # the user's model refusing its input
+                line = (str(exc).strip().splitlines() or [""])[0]
+                raise ShardwiseError(f"the model's forward raised {type(exc).__name__}: {line}") from exc
         if self.compiled and self.graphs() > before:
             self.compilations += 1
         return out
 
     def stats(self) -> dict:
         return {"compilations": self.compilations, "graphs": self.graphs() if self.compiled else 0}
+
+
+def signature(model: nn.Module) -> tuple[list[str], int | None, bool]:
+    """(keyword names, most positional arguments or None for *args, accepts **kwargs) of ``model.forward``:
+    the caller checks calls against it, so a misspelt input is one line instead of a failed rank."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return [], None, True
+    kinds = inspect.Parameter
+    names = [p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
+    var_args = any(p.kind == kinds.VAR_POSITIONAL for p in params)
+    positional = None if var_args else sum(p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+                                           for p in params)
+    return names, positional, any(p.kind == kinds.VAR_KEYWORD for p in params)
 
 
 def build(spec: RankSpec, comm: Collectives) -> nn.Module:
@@ -150,7 +172,7 @@ def serve(rank: int, spec: RankSpec, conn) -> None:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     forward = Forward(model, spec.compile, spec.device, spec.max_buckets)
     conn.send(("ready", rank, {"layout": layout if rank == 0 else None, "dtype": str(dtype).removeprefix("torch."),
-                               "seconds": time.perf_counter() - t0}))
+                               "seconds": time.perf_counter() - t0, "signature": signature(model)}))
     while True:
         message = conn.recv()
         kind = message[0]
