@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decode_buckets import DecodeBuckets
 from .kv_cache import KVCache
 from .parallel.comm import Collectives
 from .parallel.devices import put, synchronize, to_host, torch_device
@@ -92,6 +93,7 @@ def generate(
     comm: Collectives | None = None,
     keep_logits: bool = False,
     device: torch.device | str = "cpu",
+    buckets: DecodeBuckets | None = None,
 ) -> Generated:
     """Generate up to ``max_new_tokens`` tokens after each prompt (token ids), all rows in one batch.
 
@@ -100,7 +102,9 @@ def generate(
     Rows stop at their first token in ``eos_token_ids`` (kept in the output); ``sampling`` picks greedy
     or top-k/top-p/temperature sampling, seeded. Returns the new tokens with prefill and decode timings;
     ``keep_logits`` also keeps each step's logits (for accuracy checks). Greedy output is token for token
-    what HF transformers generates on one process.
+    what HF transformers generates on one process. With ``buckets`` (``decode_buckets.py``) prefill runs
+    on the prompt batch left-padded to its context-encoding bucket and each decode step attends over a
+    token-generation bucket of KV slots; the tokens are the same.
 
     On a GPU, ids, masks, positions and sampling stay on the device: the prompt's tensors are moved
     once, each step's tokens are chosen (and, when sampled, broadcast) on the device and fed back as
@@ -108,21 +112,25 @@ def generate(
     """
     comm = comm or Collectives()
     batch, longest = len(prompts), max(len(p) for p in prompts)
+    if buckets is not None:
+        longest = buckets.context_length(longest)
     total = longest + max_new_tokens
+    slots_total = buckets.kv_length(total) if buckets is not None else total  # KV slots allocated
     ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
     # Everything the decode steps need is built here, once: every new token is a real key, and its
     # position is one past the previous one, so validity and positions of all slots are known up front.
-    key_valid = torch.zeros(batch, total, dtype=torch.bool)
-    key_valid[:, longest:] = True
+    key_valid = torch.zeros(batch, slots_total, dtype=torch.bool)
+    key_valid[:, longest:total] = True
     for i, p in enumerate(prompts):
         ids[i, longest - len(p):] = torch.tensor(p)
         key_valid[i, longest - len(p):longest] = True
-    key_pos = torch.zeros(batch, total, dtype=torch.long)
+    key_pos = torch.zeros(batch, slots_total, dtype=torch.long)
     key_pos[:, :longest] = (key_valid[:, :longest].cumsum(1) - 1).clamp(min=0)
-    key_pos[:, longest:] = key_pos[:, longest - 1:longest] + torch.arange(1, max_new_tokens + 1)
+    key_pos[:, longest:] = key_pos[:, longest - 1:longest] + torch.arange(1, slots_total - longest + 1)
     window = model.config.sliding_window
-    cache = KVCache(model.config.num_layers, total)
-    model.prepare(total, torch_device(device))
+    cache = KVCache(model.config.num_layers, slots_total)
+    model.prepare(slots_total, torch_device(device))
+    slot_index = put(torch.arange(slots_total), device)
     gen = torch.Generator(torch_device(device)).manual_seed(sampling.seed)  # sampling on the device
 
     t0 = time.perf_counter()
@@ -157,13 +165,18 @@ def generate(
         if all(done) or step == max_new_tokens - 1:
             break
         slot = longest + step
+        keys = buckets.kv_length(slot + 1) if buckets is not None else slot + 1
         if window is None:
-            mask = step_masks[..., : slot + 1]
+            mask = step_masks[..., :keys]
         elif step_masks is not None:
-            mask = step_masks[:, :, step, :, : slot + 1]
+            mask = step_masks[:, :, step, :, :keys]
         else:
             mask = put(_mask(key_valid[:, : slot + 1], key_pos[:, : slot + 1], torch.tensor([slot]),
                              key_pos[:, slot:slot + 1], window), device)
+            mask = torch.nn.functional.pad(mask, (0, keys - slot - 1), value=False)
+        if buckets is not None:  # the bucket's slots after this one are not written yet
+            mask = mask & (slot_index[:keys] <= slot)
+            cache.attend_to = keys
         logits = model(tokens[:, None], dev_pos[:, slot:slot + 1], mask, cache, slot)  # tokens: on the device
         logits = logits[:, -1].float()
         tokens = _choose(logits, sampling, gen, comm)
