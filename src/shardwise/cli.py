@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--sequence-parallel-enabled", action="store_true",
          help="split the residual stream by sequence over the tensor ranks (adds the family's sequence-parallel "
               "activation rules to the plan)")
+    from .nxd_flags import add_nxd_flags
+
+    add_nxd_flags(run, _add)
 
     plan = sub.add_parser(
         "plan", help="will it fit? bytes per rank and collective traffic, from config and headers only",
@@ -229,6 +232,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .convert import bundled_model_dir
+    from .nxd_flags import nxd_options
     from .runner import DEFAULT_PROMPT, RunOptions, run
 
     if args.model_path is None and args.skip_sharding and args.compiled_model_path:
@@ -248,6 +252,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         verify=args.verify, start_rank_id=args.start_rank_id, local_ranks_size=args.local_ranks_size,
         partition_config=args.partition_config, partition=args.partition,
         sequence_parallel=args.sequence_parallel_enabled, task_type=args.task_type, model_type=args.model_type,
+        **nxd_options(args),
     )
     result = run(opts)
     if result.texts and result.task == "causal-lm":

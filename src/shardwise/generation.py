@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import sampler
 from .kv_cache import KVCache
 from .parallel.comm import Collectives
 from .protocol import Model
@@ -40,21 +41,13 @@ class Generated:
     decode_steps: int
     step_logits: list[torch.Tensor] = field(default_factory=list)  # [batch, vocab] per step, if kept
     cache_bytes: int = 0
+    sampling_bytes_per_step: int = 0  # bytes of logits or candidates gathered to choose one step's tokens
 
 
 def sample(logits: torch.Tensor, cfg: Sampling, gen: torch.Generator | None) -> torch.Tensor:
-    if cfg.greedy:
-        return logits.argmax(-1)
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k > 1:
-        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+    """One token per row of ``[batch, vocab]`` logits: greedy, or top-k/top-p/temperature from a seeded draw
+    over canonical candidates (``sampler.py``), so on-device sampling picks the same tokens."""
+    return sampler.sample(logits, cfg.top_k, cfg.top_p, cfg.temperature, gen)
 
 
 def _mask(key_valid: torch.Tensor, key_pos: torch.Tensor, q_slots: torch.Tensor, q_pos: torch.Tensor,
@@ -83,6 +76,7 @@ def generate(
     comm: Collectives | None = None,
     keep_logits: bool = False,
     device: torch.device | str = "cpu",
+    on_device_sampling: bool = False,
 ) -> Generated:
     """Generate up to ``max_new_tokens`` tokens after each prompt (token ids), all rows in one batch.
 
@@ -91,7 +85,9 @@ def generate(
     Rows stop at their first token in ``eos_token_ids`` (kept in the output); ``sampling`` picks greedy
     or top-k/top-p/temperature sampling, seeded. Returns the new tokens with prefill and decode timings;
     ``keep_logits`` also keeps each step's logits (for accuracy checks). Greedy output is token for token
-    what HF transformers generates on one process.
+    what HF transformers generates on one process. ``on_device_sampling`` (NxD's flag) has each rank
+    reduce its own vocabulary shard to candidates before anything is gathered: the same tokens (greedy,
+    and sampled with the same seed), a fraction of the bytes.
     """
     comm = comm or Collectives()
     batch, longest = len(prompts), max(len(p) for p in prompts)
@@ -107,17 +103,28 @@ def generate(
     key_pos = torch.zeros(batch, total, dtype=torch.long)
     key_pos[:, :longest] = (key_valid[:, :longest].cumsum(1) - 1).clamp(min=0)
     key_pos[:, longest:] = key_pos[:, longest - 1:longest] + torch.arange(1, max_new_tokens + 1)
-    window = model.config.sliding_window
     cache = KVCache(model.config.num_layers, total)
     model.prepare(total, device)
     gen = torch.Generator().manual_seed(sampling.seed)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    chooser = _Chooser(model, sampling, gen, comm, on_device_sampling, keep_logits)
+    try:
+        return _generate(model, prompts, max_new_tokens, eos_token_ids, ids, key_valid, key_pos, cache, chooser,
+                         sync, device, longest, total)
+    finally:
+        chooser.close()
+
+
+def _generate(model, prompts, max_new_tokens, eos_token_ids, ids, key_valid, key_pos, cache, chooser, sync, device,
+              longest, total) -> Generated:
+    batch = len(prompts)
+    window = model.config.sliding_window
 
     t0 = time.perf_counter()
     positions = key_pos[:, :longest]
     mask = _mask(key_valid[:, :longest], positions, torch.arange(longest), positions, window)
-    logits = model(ids.to(device), positions.to(device), mask.to(device), cache, 0)[:, -1].float()
-    tokens = _choose(logits.cpu(), sampling, gen, comm)
+    logits = model(ids.to(device), positions.to(device), mask.to(device), cache, 0)[:, -1]
+    tokens, kept_logits = chooser(logits)
     sync()
     t1 = time.perf_counter()
 
@@ -135,7 +142,7 @@ def generate(
     eos = set(eos_token_ids)
     out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
-    kept = [logits.cpu()] if keep_logits else []
+    kept = [kept_logits] if kept_logits is not None else []
     steps = 0
     for step in range(max_new_tokens):
         for i, t in enumerate(tokens.tolist()):
@@ -152,21 +159,63 @@ def generate(
         else:
             mask = _mask(key_valid[:, : slot + 1], key_pos[:, : slot + 1], torch.tensor([slot]),
                          key_pos[:, slot:slot + 1], window).to(device)
-        logits = model(tokens[:, None].to(device), dev_pos[:, slot:slot + 1], mask, cache, slot)
-        logits = logits[:, -1].float()
-        tokens = _choose(logits.cpu(), sampling, gen, comm)
-        if keep_logits:
-            kept.append(logits.cpu())
+        logits = model(tokens[:, None].to(device), dev_pos[:, slot:slot + 1], mask, cache, slot)[:, -1]
+        tokens, kept_logits = chooser(logits)
+        if kept_logits is not None:
+            kept.append(kept_logits)
         steps += 1
     sync()
     t2 = time.perf_counter()
     prompt_tokens = sum(len(p) for p in prompts)
-    return Generated(out, t1 - t0, t2 - t1, prompt_tokens, steps, kept, cache.nbytes)
+    return Generated(out, t1 - t0, t2 - t1, prompt_tokens, steps, kept, cache.nbytes, chooser.step_bytes)
 
 
-def _choose(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator, comm: Collectives) -> torch.Tensor:
-    tokens = sample(logits, sampling, gen)
-    if not sampling.greedy:
-        # Ranks hold identical logits, but one draw broadcast from rank 0 makes agreement certain.
-        comm.broadcast(tokens)
-    return tokens
+class _Chooser:
+    """Picks each step's tokens from the model's last-position output, gathered or on-device.
+
+    On-device: the output layer (``lm_head``, column-parallel) is told not to gather, each rank reduces
+    its shard (``sampler.sample_sharded``), and the layer is restored afterwards. A model whose output
+    layer is not split by vocabulary rows has nothing to reduce: the gathered path runs, same tokens.
+    """
+
+    def __init__(self, model: Model, sampling: Sampling, gen: torch.Generator, comm: Collectives,
+                 on_device: bool, keep_logits: bool):
+        self.sampling, self.gen, self.comm, self.keep_logits = sampling, gen, comm, keep_logits
+        self.step_bytes = 0
+        self.vocab_size = model.config.vocab_size
+        head = getattr(model, "lm_head", None)
+        gathering = getattr(head, "gather_output", False)
+        # What the gathered path moves per row: every rank's rows of the output layer, padding included.
+        self.gathered_width = head.weight.shape[0] * comm.world_size if gathering else self.vocab_size
+        self.head = head if on_device and gathering else None
+        if self.head is not None:
+            self.head.gather_output = False
+            self.local_ids = self.head.local_index
+
+    def close(self) -> None:
+        if self.head is not None:
+            self.head.gather_output = True
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s = self.sampling
+        if self.head is None:
+            self.step_bytes = (logits.shape[0] * self.gathered_width * logits.element_size()
+                               if self.comm.world_size > 1 else 0)
+            logits = logits.float().cpu()
+            tokens = sample(logits, s, self.gen)
+            kept = logits if self.keep_logits else None
+        else:
+            local = logits.float().cpu()
+            tokens, self.step_bytes = sampler.sample_sharded(local, self.local_ids, self.vocab_size, s.top_k, s.top_p,
+                                                             s.temperature, self.gen, self.comm)
+            kept = None
+            if self.keep_logits:  # accuracy checks compare whole logits: gather them as the layer would have
+                full = self.comm.all_gather(logits, dim=-1)
+                index = self.head.gather_index
+                full = (full.index_select(-1, index.to(full.device)) if index is not None
+                        else full[..., :self.vocab_size])
+                kept = full.float().cpu()
+        if not s.greedy:
+            # Ranks hold identical candidates, but one draw broadcast from rank 0 makes agreement certain.
+            self.comm.broadcast(tokens)
+        return tokens, kept

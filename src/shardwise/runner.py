@@ -71,6 +71,9 @@ class RunOptions:
     local_ranks_size: int | None = None
     task_type: str | None = None  # NxD's --task-type: causal-lm, embedding, ...; None: the checkpoint's default
     model_type: str | None = None  # NxD's --model-type: checked against the checkpoint when given
+    on_device_sampling: bool = False  # NxD's --on-device-sampling: reduce each vocabulary shard before gathering
+    fused_qkv: bool = False  # NxD's --fused-qkv / --qkv-kernel-enabled: one q/k/v matmul per rank
+    fused_gate_up: bool = False  # NxD's --mlp-kernel-enabled: one gate/up matmul per rank
 
 
 @dataclass
@@ -106,13 +109,13 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     keep_logits = opts.check_accuracy_mode == "logit-matching"
 
     def run_all() -> list[Generated]:
-        return [generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device)
-                for b in batches]
+        return [generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device,
+                         opts.on_device_sampling) for b in batches]
 
     runs = 1
     if opts.benchmark:
         generate(sharded.module, batches[0], min(4, opts.max_new_tokens), pad_id, eos, sampling, comm,
-                 device=device)  # warm-up: first-call allocations and kernel selection
+                 device=device, on_device_sampling=opts.on_device_sampling)  # warm-up: first-call allocations
         runs = max(1, opts.benchmark_iterations)
     timings = [run_all() for _ in range(runs)]
     results = timings[-1]
@@ -121,6 +124,9 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     decode = statistics.median(
         sum(len(g.tokens) * g.decode_steps for g in t) / max(1e-9, sum(g.decode_seconds for g in t)) for t in timings
     )
+    if rank == 0 and opts.on_device_sampling:
+        log.info("On-device sampling: %d bytes gathered per step to choose the tokens",
+                 max(g.sampling_bytes_per_step for g in results))
     if rank == 0:
         torch.save({
             "tokens": [g.tokens for g in results],
@@ -128,6 +134,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
             "load_seconds": load_s, "shard_seconds": shard_s,
             "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
             "threads_per_rank": torch.get_num_threads(),
+            "sampling_bytes_per_step": max(g.sampling_bytes_per_step for g in results),
             "bytes_held_rank0": sharded.stats.bytes_held, "bytes_read_rank0": sharded.stats.bytes_read,
         }, result_path)
 
@@ -143,7 +150,7 @@ def load_rank_model(opts: RunOptions, rank: int, device: str) -> tuple[ShardedMo
     source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path or "") else None
     sharded = load_sharded(source, opts.torch_dtype, plan, comm, device, progress=opts.progress and rank == 0,
                            compiled_model_path=opts.compiled_model_path, weights=weights, reshard=opts.reshard,
-                           verify=opts.verify)
+                           verify=opts.verify, fused_qkv=opts.fused_qkv, fused_gate_up=opts.fused_gate_up)
     comm.barrier()
     return sharded, comm
 
@@ -310,6 +317,7 @@ def run(opts: RunOptions) -> RunResult:
             "load_seconds": data["load_seconds"], "shard_seconds": data["shard_seconds"],
             "prefill_tokens_per_second": data["prefill_tokens_per_second"],
             "decode_tokens_per_second": data["decode_tokens_per_second"],
+            "sampling_bytes_per_step": data["sampling_bytes_per_step"],
             "new_tokens": [len(t) for t in tokens], "options": asdict(opts),
         }
         path = out_dir / "benchmark_report.json"
