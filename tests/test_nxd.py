@@ -86,10 +86,15 @@ def tiny_with_tokenizer(smollm2, tmp_path_factory) -> Path:
 
 
 def test_nxd_405b_command_on_tiny_model(tiny_with_tokenizer, tmp_path):
-    proc = _shardwise(_nxd_command(tiny_with_tokenizer, tmp_path / "compiled", 2, NXD_TUTORIAL_EXTRA))
+    """The command plus the tutorial's extra flags and NxD's --benchmark: the report counts sampling bytes."""
+    bench = ["--benchmark", "--benchmark-iterations", "1", "--output-dir", str(tmp_path)]
+    proc = _shardwise(_nxd_command(tiny_with_tokenizer, tmp_path / "compiled", 2, NXD_TUTORIAL_EXTRA + bench))
     _check_ran(proc)
     for flag in ("--enable-bucketing", "--logical-neuron-cores", "--do-sample"):
         assert f"{flag}: accepted" in proc.stderr
+    report = json.loads((tmp_path / "benchmark_report.json").read_text())
+    assert report["sampling_bytes_per_step"] == 2 * 2 * 4  # greedy, batch 1: one float32 (value, id) per rank
+    assert report["options"]["on_device_sampling"] and report["options"]["fused_gate_up"]
 
 
 def test_nxd_405b_command_on_smollm2_tp2(smollm2, tmp_path):
@@ -192,12 +197,3 @@ def test_on_device_sampling_and_fusion_are_exact(tiny_models, tmp_path, world):
     assert r[("top_k", True)][1] == 2 * world * 2 * 5 * 4
     assert r["fused"][0] == r[("greedy", False)][0]
     assert all(torch.equal(a, b) for a, b in zip(r["fused"][2], r[("greedy", False)][2]))
-
-
-def test_benchmark_report_has_sampling_bytes(tiny_with_tokenizer, tmp_path):
-    proc = _shardwise(["run", "--model-path", str(tiny_with_tokenizer), "--tp-degree", "2", "--max-new-tokens", "4",
-                       "--on-device-sampling", "--benchmark", "--benchmark-iterations", "1", "--output-dir",
-                       str(tmp_path)])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((tmp_path / "benchmark_report.json").read_text())
-    assert report["sampling_bytes_per_step"] == 2 * 2 * 4  # greedy, batch 1: one float32 (value, id) per rank
