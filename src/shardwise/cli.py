@@ -28,6 +28,13 @@ def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
     parser.add_argument(*names, **kwargs)
 
 
+def _tolerances() -> str:
+    from .accuracy import LOGIT_TOLERANCE
+    from .dtypes import name_of
+
+    return ", ".join(f"{name_of(d)} {a:g} + {r:g}" for d, (a, r) in LOGIT_TOLERANCE.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardwise", description=DESCRIPTION, formatter_class=_Formatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (also SHARDWISE_DEBUG=1)")
@@ -54,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--no-chat-template", action="store_true", help="tokenize prompts as raw text")
     _add(run, "--check-accuracy-mode", default="skip-accuracy-check",
          choices=["skip-accuracy-check", "token-matching", "logit-matching"],
-         help="compare with HF transformers on one process: greedy tokens, or logits within tolerance")
+         help="compare greedy output with HF transformers on one process. token-matching: tokens must be "
+              "identical; at the first divergence the top-2 logit margins of both sides are shown, and a "
+              "divergence whose two tokens are within the dtype's logit tolerance on both sides (a near-tie "
+              "that summation order alone flips, common in bf16) is a warning, not a failure. logit-matching: "
+              "teacher-forced as in NxD (HF's tokens fed to both sides at every position), logits compared "
+              "position by position within atol + rtol * max|logit|: " + _tolerances())
     _add(run, "--benchmark", action="store_true",
          help="time load, prefill and decode after a warm-up; write benchmark_report.json")
     _add(run, "--benchmark-iterations", type=int, default=3, help="timed repetitions (median reported)")

@@ -95,7 +95,8 @@ def _setup_logging() -> None:
 
 
 def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[int]]], pad_id: int,
-               eos: tuple[int, ...], result_path: str, devices: tuple[str, ...] | None = None) -> None:
+               eos: tuple[int, ...], result_path: str, devices: tuple[str, ...] | None = None,
+               forced_targets: list[list[list[int]]] | None = None) -> None:
     _setup_logging()
     if rank != 0:
         logging.getLogger("shardwise").setLevel(logging.WARNING)
@@ -106,7 +107,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     log.info("Done sharding weights in %.3f seconds", shard_s)
     log.info("Total model loading time: %.3f seconds", load_s)
     sampling = Sampling(opts.top_k, opts.top_p, opts.temperature, opts.seed)
-    keep_logits = opts.check_accuracy_mode == "logit-matching"
+    keep_logits = opts.check_accuracy_mode != "skip-accuracy-check"  # token matching reports margins
 
     def run_all() -> list[Generated]:
         return [generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device,
@@ -124,13 +125,18 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     decode = statistics.median(
         sum(len(g.tokens) * g.decode_steps for g in t) / max(1e-9, sum(g.decode_seconds for g in t)) for t in timings
     )
+    forced = None
+    if forced_targets is not None:  # teacher-forced logit matching: HF's tokens fed at every position
+        from .accuracy import forced_logits
+
+        forced = [forced_logits(sharded.module, b, t, pad_id, device) for b, t in zip(batches, forced_targets)]
     if rank == 0 and opts.on_device_sampling:
         log.info("On-device sampling: %d bytes gathered per step to choose the tokens",
                  max(g.sampling_bytes_per_step for g in results))
     if rank == 0:
         torch.save({
             "tokens": [g.tokens for g in results],
-            "logits": [g.step_logits for g in results],
+            "logits": [g.step_logits for g in results], "forced_logits": forced,
             "load_seconds": load_s, "shard_seconds": shard_s,
             "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
             "threads_per_rank": torch.get_num_threads(),
@@ -278,11 +284,22 @@ def run(opts: RunOptions) -> RunResult:
         log.info("Done pre-sharding ranks %s in %.3f seconds (kept %s)", stats.ranks_written or "none",
                  stats.seconds, stats.ranks_skipped or "none")
     devices = topology.devices if topology else None
+    reference = None
+    if opts.check_accuracy_mode != "skip-accuracy-check":
+        from .accuracy import hf_reference
+
+        if not Sampling(opts.top_k, opts.top_p, opts.temperature).greedy:
+            raise ShardwiseError("accuracy checks compare greedy output: use --top-k 1")
+        # First, so that logit matching can feed HF's tokens to the ranks (teacher forcing); the HF
+        # model is freed before any rank loads.
+        log.info("Running HF transformers on one process for the accuracy check (%s)", opts.check_accuracy_mode)
+        reference = hf_reference(opts.model_path, batches, opts.max_new_tokens, pad_id, eos, dtype)
+    forced_targets = [tokens for tokens, _ in reference] if opts.check_accuracy_mode == "logit-matching" else None
     local = opts.local_ranks_size or world - opts.start_rank_id
     local_threads = topology.threads[opts.start_rank_id:opts.start_rank_id + local] if topology else None
     with tempfile.TemporaryDirectory(prefix="shardwise-") as tmp:
         result_path = str(Path(tmp) / "rank0.pt")
-        launch(_rank_main, world, (opts, batches, pad_id, eos, result_path, devices),
+        launch(_rank_main, world, (opts, batches, pad_id, eos, result_path, devices, forced_targets),
                default_backend(opts.device), opts.start_rank_id, opts.local_ranks_size, threads=local_threads)
         if not Path(result_path).exists():  # a rank other than 0 under torchrun: rank 0 reports
             return RunResult([], [], 0, 0, 0, 0)
@@ -295,14 +312,12 @@ def run(opts: RunOptions) -> RunResult:
                        data["prefill_tokens_per_second"], data["decode_tokens_per_second"])
     log.info("Prefill %.1f tokens/s, decode %.1f tokens/s", result.prefill_tokens_per_second,
              result.decode_tokens_per_second)
-    if opts.check_accuracy_mode != "skip-accuracy-check":
-        from .accuracy import compare, hf_reference
+    if reference is not None:
+        from .accuracy import compare
 
         log.info("Checking accuracy (%s) against HF transformers on one process", opts.check_accuracy_mode)
-        if not Sampling(opts.top_k, opts.top_p, opts.temperature).greedy:
-            raise ShardwiseError("accuracy checks compare greedy output: use --top-k 1")
-        reference = hf_reference(opts.model_path, batches, opts.max_new_tokens, pad_id, eos, dtype)
-        report = compare(opts.check_accuracy_mode, list(zip(data["tokens"], data["logits"])), reference, dtype)
+        report = compare(opts.check_accuracy_mode, list(zip(data["tokens"], data["logits"])), reference, dtype,
+                         data["forced_logits"])
         result.accuracy = report.detail
         if not report.passed:
             raise ShardwiseError(f"accuracy check ({report.mode}) failed: {report.detail}")
