@@ -131,7 +131,9 @@ def test_local_top_k_union_holds_the_global_top_k_with_ties():
     ids = torch.arange(103).expand_as(logits)
     for k in (1, 2, 5, 17, 0, 103):
         whole = canonical_top_k(logits, ids, k)
-        local = [canonical_top_k(logits[:, a:b], ids[:, a:b], k) for a, b in ((0, 40), (40, 52), (52, 103))]
+        assert all(torch.equal(a, b) for a, b in zip(whole, canonical_top_k(logits, ids, k, ids_ascending=True)))
+        local = [canonical_top_k(logits[:, a:b], ids[:, a:b], k, ids_ascending=True)
+                 for a, b in ((0, 40), (40, 52), (52, 103))]
         merged = canonical_top_k(torch.cat([v for v, _ in local], -1), torch.cat([i for _, i in local], -1), k)
         assert torch.equal(whole[0], merged[0]) and torch.equal(whole[1], merged[1]), k
         if k == 1:
@@ -139,6 +141,50 @@ def test_local_top_k_union_holds_the_global_top_k_with_ties():
         a = choose(*whole, k, 0.9, 0.7, torch.Generator().manual_seed(5))
         b = choose(*merged, k, 0.9, 0.7, torch.Generator().manual_seed(5))
         assert torch.equal(a, b)
+
+
+class _ThreadComm:
+    """All-gather between threads: enough of ``Collectives`` for ``sample_sharded``."""
+
+    def __init__(self, rank: int, world: int, shared: list, barrier):
+        self.rank, self.world_size, self.shared, self.barrier = rank, world, shared, barrier
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        self.shared[self.rank] = x
+        self.barrier.wait()
+        out = torch.cat(self.shared, dim=dim)
+        self.barrier.wait()
+        return out
+
+
+def test_sample_sharded_equals_the_gathered_path_on_tied_bf16_logits():
+    """bf16 logits with many exact ties, vocab 103 over 3 shards (the last padded): greedy, top-k with
+    top-p and temperature, and whole-vocabulary sampling pick what the gathered path picks."""
+    import threading
+
+    from shardwise.generation import Sampling, sample
+    from shardwise.sampler import sample_sharded
+
+    world, vocab, local = 3, 103, 35
+    logits = torch.randint(-3, 3, (5, vocab), generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    padded = torch.cat([logits, torch.zeros(5, world * local - vocab, dtype=torch.bfloat16)], -1)
+    for cfg in (Sampling(), Sampling(top_k=4, top_p=0.8, temperature=0.7, seed=2), Sampling(top_k=0, seed=3)):
+        expected = sample(logits.float(), cfg, torch.Generator().manual_seed(cfg.seed))
+        shared, barrier, got = [None] * world, threading.Barrier(world), [None] * world
+
+        def rank_fn(r: int, cfg=cfg, shared=shared, barrier=barrier, got=got) -> None:
+            ids = torch.arange(r * local, (r + 1) * local)
+            ids = torch.where(ids < vocab, ids, torch.full_like(ids, -1))
+            got[r] = sample_sharded(padded[:, r * local:(r + 1) * local], ids, vocab, cfg.top_k, cfg.top_p,
+                                    cfg.temperature, torch.Generator().manual_seed(cfg.seed),
+                                    _ThreadComm(r, world, shared, barrier))[0]
+
+        threads = [threading.Thread(target=rank_fn, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(torch.equal(g, expected) for g in got), cfg
 
 
 def test_sampler_follows_the_distribution():

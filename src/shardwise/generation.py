@@ -191,6 +191,7 @@ class _Chooser:
         if self.head is not None:
             self.head.gather_output = False
             self.local_ids = self.head.local_index
+            self.ascending = sampler.ids_ascending(self.local_ids)
 
     def close(self) -> None:
         if self.head is not None:
@@ -205,9 +206,9 @@ class _Chooser:
             tokens = sample(logits, s, self.gen)
             kept = logits if self.keep_logits else None
         else:
-            local = logits.float().cpu()
+            local = logits.cpu()  # the sampler converts only what it keeps
             tokens, self.step_bytes = sampler.sample_sharded(local, self.local_ids, self.vocab_size, s.top_k, s.top_p,
-                                                             s.temperature, self.gen, self.comm)
+                                                             s.temperature, self.gen, self.comm, self.ascending)
             kept = None
             if self.keep_logits:  # accuracy checks compare whole logits: gather them as the layer would have
                 full = self.comm.all_gather(logits, dim=-1)
