@@ -10,10 +10,11 @@ from .mesh import Mesh
 from .plan import Plan, builtin_plan, load_plan, resolve_plan
 from .runner import RunOptions, RunResult, run
 from .sharded_model import ShardedModel, load_sharded
+from .speculative import Speculation, SpeculationStats, speculative_generate
 
 __all__ = [
     "Completion", "Engine", "EngineOptions", "Layout", "Mesh", "ModelConfig", "Plan", "RunOptions", "RunResult",
-    "Sampling", "ShardedModel",
+    "Sampling", "ShardedModel", "Speculation", "SpeculationStats", "speculative_generate",
     "ShardwiseError", "builtin_plan", "compute_layout", "generate", "load_config", "load_plan", "load_sharded",
     "model_layout", "resolve_plan", "run",
 ]

@@ -63,6 +63,7 @@ def forced_logits(model, prompts: list[list[int]], continuations: list[list[int]
     """
     from .generation import _mask
     from .kv_cache import KVCache
+    from .parallel.devices import put, to_host, torch_device
 
     rows = [p + c[:-1] for p, c in zip(prompts, continuations)]  # the last token predicts nothing compared
     steps = max(len(c) for c in continuations)
@@ -78,8 +79,9 @@ def forced_logits(model, prompts: list[list[int]], continuations: list[list[int]
     positions = (valid.cumsum(1) - 1).clamp(min=0)
     mask = _mask(valid, positions, torch.arange(width), positions, model.config.sliding_window)
     cache = KVCache(model.config.num_layers, width)
-    model.prepare(width, device)
-    logits = model(ids.to(device), positions.to(device), mask.to(device), cache, 0, last_only=False).float().cpu()
+    model.prepare(width, torch_device(device))
+    logits = to_host(model(put(ids, device), put(positions, device), put(mask, device), cache, 0,
+                           last_only=False).float())
     return [logits[i, longest - 1:longest - 1 + len(c)] for i, c in enumerate(continuations)]
 
 

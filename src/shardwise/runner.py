@@ -23,6 +23,7 @@ from .dtypes import name_of, resolve_dtype
 from .errors import ShardwiseError
 from .generation import Generated, Sampling, generate
 from .mesh import Mesh
+from .parallel import devices as dev
 from .parallel.comm import Collectives
 from .parallel.launch import default_backend, launch, threads_per_rank
 from .parallelize import check_runtime
@@ -71,6 +72,10 @@ class RunOptions:
     local_ranks_size: int | None = None
     task_type: str | None = None  # NxD's --task-type: causal-lm, embedding, ...; None: the checkpoint's default
     model_type: str | None = None  # NxD's --model-type: checked against the checkpoint when given
+    draft_model_path: str | None = None  # NxD's speculative decoding: the draft checkpoint
+    speculation_length: int | None = None  # tokens proposed per round; None: 4 when speculating, 0: off
+    speculation_type: str | None = None  # "draft" (default with a draft path) or "ngram" (prompt lookup)
+    draft_model_tp_degree: int | None = None  # None or the target's degree: sharded; 1: replicated per rank
     on_device_sampling: bool = False  # NxD's --on-device-sampling: reduce each vocabulary shard before gathering
     fused_qkv: bool = False  # NxD's --fused-qkv / --qkv-kernel-enabled: one q/k/v matmul per rank
     fused_gate_up: bool = False  # NxD's --mlp-kernel-enabled: one gate/up matmul per rank
@@ -87,6 +92,7 @@ class RunResult:
     accuracy: str | None = None
     report_path: str | None = None
     task: str = "causal-lm"
+    speculation: dict | None = None  # acceptance rate, tokens per target forward, speed-up (with --benchmark)
     outputs: object = None  # encoder tasks: encoders.EncoderOutput (embeddings, class scores, mask predictions)
 
 
@@ -101,17 +107,34 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     if rank != 0:
         logging.getLogger("shardwise").setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    device = devices[rank] if devices else opts.device
+    device = dev.bound_device() or (devices[rank] if devices else opts.device)  # bound by launch
     sharded, comm = load_rank_model(opts, rank, device)
     shard_s, load_s = comm.max_over_ranks([sharded.stats.seconds, time.perf_counter() - t0])
     log.info("Done sharding weights in %.3f seconds", shard_s)
     log.info("Total model loading time: %.3f seconds", load_s)
     sampling = Sampling(opts.top_k, opts.top_p, opts.temperature, opts.seed)
     keep_logits = opts.check_accuracy_mode != "skip-accuracy-check"  # token matching reports margins
+    speculation = speculation_of(opts)
+    draft = load_draft(opts, comm, device) if speculation and speculation.kind == "draft" else None
+    spec_stats = None
 
-    def run_all() -> list[Generated]:
+    def plain() -> list[Generated]:
         return [generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device,
                          opts.on_device_sampling) for b in batches]
+
+    def run_all() -> list[Generated]:
+        nonlocal spec_stats
+        if speculation is None:
+            return plain()
+        from .speculative import SpeculationStats, speculative_generate
+
+        spec_stats, out = SpeculationStats(), []
+        for b in batches:
+            g, stats = speculative_generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, speculation,
+                                            sampling, comm, draft.module if draft else None, device)
+            spec_stats.add(stats)
+            out.append(g)
+        return out
 
     runs = 1
     if opts.benchmark:
@@ -122,9 +145,24 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     results = timings[-1]
     prefill = statistics.median(sum(g.prompt_tokens for g in t) / max(1e-9, sum(g.prefill_seconds for g in t))
                                 for t in timings)
-    decode = statistics.median(
-        sum(len(g.tokens) * g.decode_steps for g in t) / max(1e-9, sum(g.decode_seconds for g in t)) for t in timings
-    )
+    decode = statistics.median(_decode_rate(t, speculation is not None) for t in timings)
+    speculation_report = None
+    if speculation is not None:
+        speculation_report = {
+            "type": speculation.kind, "length": speculation.length,
+            "draft_tp_degree": (draft.comm.world_size if draft else None),
+            "acceptance_rate": spec_stats.acceptance_rate,
+            "tokens_per_target_forward": spec_stats.tokens_per_target_forward,
+            "rounds": spec_stats.rounds, "draft_forwards": spec_stats.draft_forwards,
+        }
+        if opts.benchmark:  # the same run without speculation, for the speed-up
+            without = statistics.median(_decode_rate(plain(), True) for _ in range(runs))
+            speculation_report["decode_tokens_per_second_without"] = without
+            speculation_report["speedup"] = decode / max(1e-9, without)
+        log.info("Speculation (%s, K=%d): acceptance %.1f%%, %.2f tokens per target forward%s",
+                 speculation.kind, speculation.length, 100 * spec_stats.acceptance_rate,
+                 spec_stats.tokens_per_target_forward,
+                 f", {speculation_report['speedup']:.2f}x decode tokens/s" if opts.benchmark else "")
     forced = None
     if forced_targets is not None:  # teacher-forced logit matching: HF's tokens fed at every position
         from .accuracy import forced_logits
@@ -142,14 +180,51 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
             "threads_per_rank": torch.get_num_threads(),
             "sampling_bytes_per_step": max(g.sampling_bytes_per_step for g in results),
             "bytes_held_rank0": sharded.stats.bytes_held, "bytes_read_rank0": sharded.stats.bytes_read,
+            "speculation": speculation_report,
         }, result_path)
+
+
+def _decode_rate(generated: list[Generated], by_tokens: bool) -> float:
+    """Decode tokens/s: rows x steps for plain decoding (as every step computes every row), or the
+    tokens after each row's first (speculation's steps emit several; compared against plain decoding
+    measured the same way)."""
+    seconds = max(1e-9, sum(g.decode_seconds for g in generated))
+    if by_tokens:
+        return sum(max(0, len(row) - 1) for g in generated for row in g.tokens) / seconds
+    return sum(len(g.tokens) * g.decode_steps for g in generated) / seconds
+
+
+def speculation_of(opts: RunOptions):
+    """The run's ``speculative.Speculation``, or None: checked options, NxD's names."""
+    from .speculative import DRAFT, NGRAM, Speculation
+
+    if opts.speculation_length == 0:
+        return None
+    kind = opts.speculation_type or (DRAFT if opts.draft_model_path else None)
+    if kind is None:
+        if opts.speculation_length is not None or opts.draft_model_tp_degree is not None:
+            raise ShardwiseError("--speculation-length and --draft-model-tp-degree need --draft-model-path or "
+                                 "--speculation-type ngram")
+        return None
+    if kind == DRAFT and not opts.draft_model_path:
+        raise ShardwiseError("--speculation-type draft needs --draft-model-path")
+    if kind == NGRAM and opts.draft_model_path:
+        raise ShardwiseError("--speculation-type ngram uses no draft model: drop --draft-model-path")
+    return Speculation(kind, opts.speculation_length or 4)
+
+
+def load_draft(opts: RunOptions, comm: Collectives, device: str) -> ShardedModel:
+    """The draft model on this rank: sharded over the target's ranks, or whole on each (TP 1)."""
+    if (opts.draft_model_tp_degree or comm.world_size) == comm.world_size:
+        return load_sharded(opts.draft_model_path, opts.torch_dtype, None, comm, device)
+    alone = comm.subgroup([[r] for r in range(comm.world_size)])  # every rank its own group of one
+    return load_sharded(opts.draft_model_path, opts.torch_dtype, None, alone, device)
 
 
 def load_rank_model(opts: RunOptions, rank: int, device: str) -> tuple[ShardedModel, Collectives]:
     """Inside a rank: this rank's part of the model the options describe, loaded the way they say
-    (shard on load, or pre-sharded files), once every rank has loaded."""
-    if device.startswith("cuda:"):
-        torch.cuda.set_device(device)
+    (shard on load, or pre-sharded files), once every rank has loaded. ``device`` is the rank's bound
+    device (``devices.bind_device`` ran before its process group was created)."""
     comm = Collectives()
     plan = run_plan(opts, load_config(opts.model_path))
     weights = "presharded" if opts.skip_sharding or opts.save_sharded_checkpoint else "auto"
@@ -213,7 +288,10 @@ def validate(opts: RunOptions):
     config = load_config(opts.model_path)
     from .checkpoint import CheckpointSource
 
-    plan, mesh, _ = resolve_ranks(opts, config)
+    plan, mesh, topology = resolve_ranks(opts, config)
+    if topology is None:  # e.g. --device cuda:1 cannot serve several local ranks
+        dev.rank_device(opts.device, opts.start_rank_id, opts.start_rank_id, None,
+                        opts.local_ranks_size or mesh.world_size - opts.start_rank_id)
     if not opts.skip_sharding:
         source = CheckpointSource(opts.model_path)  # raises if no weights
         # The whole layout, from headers alone: plan errors surface here, before any rank starts.
@@ -222,6 +300,12 @@ def validate(opts: RunOptions):
     resolve_task(config, opts.task_type, opts.model_type)
     if opts.check_accuracy_mode not in ("skip-accuracy-check", "token-matching", "logit-matching"):
         raise ShardwiseError(f"unknown --check-accuracy-mode {opts.check_accuracy_mode!r}")
+    speculation = speculation_of(opts)
+    if speculation is not None:
+        if opts.check_accuracy_mode == "logit-matching":
+            raise ShardwiseError("logit matching checks plain decoding; with speculation use token-matching")
+        if speculation.kind == "draft":
+            _check_draft(opts, config, mesh.world_size)
     if opts.batch_size < 1 or opts.max_new_tokens < 1:
         raise ShardwiseError("--batch-size and --max-new-tokens must be at least 1")
     if not opts.prompts:
@@ -248,6 +332,28 @@ def validate(opts: RunOptions):
     longest = max(len(p) for b in batches for p in b)
     opts = replace(opts, max_new_tokens=min(opts.max_new_tokens, opts.seq_len - longest))
     return opts, config, tokenizer, batches
+
+
+def _check_draft(opts: RunOptions, config, world: int) -> None:
+    """The draft must be a decoder over the target's vocabulary, laid out for its TP degree, with the
+    target's tokenizer (the same ids mean the same text), all checked before a rank starts."""
+    from .checkpoint import CheckpointSource
+    from .prompts import load_tokenizer
+
+    draft_tp = opts.draft_model_tp_degree or world
+    if draft_tp not in (1, world):
+        raise ShardwiseError(f"--draft-model-tp-degree must be 1 (replicated) or the target's {world}, not {draft_tp}")
+    draft_config = load_config(opts.draft_model_path)
+    if resolve_task(draft_config, None, None) != CAUSAL_LM:
+        raise ShardwiseError(f"the draft {opts.draft_model_path} is not a causal language model")
+    if draft_config.vocab_size != config.vocab_size:
+        raise ShardwiseError(f"the draft's vocabulary has {draft_config.vocab_size} tokens, the target's "
+                             f"{config.vocab_size}: speculation needs one tokenizer")
+    if load_tokenizer(opts.draft_model_path).get_vocab() != load_tokenizer(opts.model_path).get_vocab():
+        raise ShardwiseError("the draft's tokenizer is not the target's: speculation needs one tokenizer")
+    draft_plan = resolve_plan(draft_config.family)
+    check_runtime(model_layout(opts.draft_model_path, plan=draft_plan, config=draft_config,
+                               source=CheckpointSource(opts.draft_model_path), mesh=draft_plan.mesh(draft_tp)))
 
 
 def run(opts: RunOptions) -> RunResult:
@@ -300,7 +406,8 @@ def run(opts: RunOptions) -> RunResult:
     with tempfile.TemporaryDirectory(prefix="shardwise-") as tmp:
         result_path = str(Path(tmp) / "rank0.pt")
         launch(_rank_main, world, (opts, batches, pad_id, eos, result_path, devices, forced_targets),
-               default_backend(opts.device), opts.start_rank_id, opts.local_ranks_size, threads=local_threads)
+               default_backend(opts.device), opts.start_rank_id, opts.local_ranks_size, threads=local_threads,
+               device=opts.device, devices=devices)
         if not Path(result_path).exists():  # a rank other than 0 under torchrun: rank 0 reports
             return RunResult([], [], 0, 0, 0, 0)
         data = torch.load(result_path)
@@ -309,7 +416,8 @@ def run(opts: RunOptions) -> RunResult:
     for prompt, text in zip(opts.prompts, texts):
         print(f"\nPrompt: {prompt}\nOutput: {text}", flush=True)
     result = RunResult(texts, tokens, data["load_seconds"], data["shard_seconds"],
-                       data["prefill_tokens_per_second"], data["decode_tokens_per_second"])
+                       data["prefill_tokens_per_second"], data["decode_tokens_per_second"],
+                       speculation=data.get("speculation"))
     log.info("Prefill %.1f tokens/s, decode %.1f tokens/s", result.prefill_tokens_per_second,
              result.decode_tokens_per_second)
     if reference is not None:
@@ -333,7 +441,8 @@ def run(opts: RunOptions) -> RunResult:
             "prefill_tokens_per_second": data["prefill_tokens_per_second"],
             "decode_tokens_per_second": data["decode_tokens_per_second"],
             "sampling_bytes_per_step": data["sampling_bytes_per_step"],
-            "new_tokens": [len(t) for t in tokens], "options": asdict(opts),
+            "new_tokens": [len(t) for t in tokens], "speculation": data.get("speculation"),
+            "options": asdict(opts),
         }
         path = out_dir / "benchmark_report.json"
         tmp_path = path.with_suffix(".json.tmp")

@@ -66,7 +66,7 @@ def choose(values: torch.Tensor, ids: torch.Tensor, top_k: int, top_p: float, te
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
         probs = probs.masked_fill(drop, 0.0)
     cdf = probs.cumsum(-1)
-    u = torch.rand(values.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[..., -1:]
+    u = torch.rand(values.shape[0], 1, generator=gen, dtype=cdf.dtype, device=cdf.device) * cdf[..., -1:]
     pick = (cdf <= u).sum(-1, keepdim=True).clamp(max=values.shape[-1] - 1)
     # A row whose cumulative sum stalls (zero-probability tail) never lands past its last real candidate.
     last_real = (probs > 0).cumsum(-1).argmax(-1, keepdim=True)
@@ -79,7 +79,7 @@ def sample(logits: torch.Tensor, top_k: int, top_p: float, temperature: float,
     if top_k == 1 or temperature == 0:
         return logits.argmax(-1)
     logits = logits.float()
-    ids = torch.arange(logits.shape[-1]).expand_as(logits)
+    ids = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
     values, ids = canonical_top_k(logits, ids, top_k, ids_ascending=True)
     return choose(values, ids, top_k, top_p, temperature, gen)
 

@@ -14,6 +14,7 @@ never a silent default.
 | SHARDWISE_MAP_WEIGHTS | map whole-row slices of the checkpoint instead of copying them | on |
 | SHARDWISE_HUGEPAGES | transparent huge pages for the copy arena | off |
 | SHARDWISE_CACHE | where converted checkpoints are kept | ~/.cache/shardwise |
+| SHARDWISE_CHECK_DEVICES | device checks: enforce the GPU rules on every collective (docs/gpu.md) | off |
 | SHARDWISE_API_KEY | the key `shardwise serve` requires when `--api-key` is not given | none |
 """
 
@@ -80,6 +81,10 @@ def hugepages() -> bool:
     return flag("SHARDWISE_HUGEPAGES", False)
 
 
+def check_devices() -> bool:
+    return flag("SHARDWISE_CHECK_DEVICES", False)
+
+
 def api_key() -> str | None:
     """The API key for ``shardwise serve`` from the environment (it stays out of ``ps`` listings)."""
     return os.environ.get("SHARDWISE_API_KEY") or None
@@ -92,7 +97,7 @@ def cache_dir() -> Path:
 
 def check_all() -> None:
     """Read every setting once, so a bad value is refused before any rank starts."""
-    debug(), shm_timeout(), shm_slot_bytes(1), fast_collectives(), map_weights(), hugepages()
+    debug(), shm_timeout(), shm_slot_bytes(1), fast_collectives(), map_weights(), hugepages(), check_devices()
 
 
 def usable_cores() -> int:

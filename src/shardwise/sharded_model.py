@@ -26,6 +26,7 @@ from .families import family
 from .layout import Layout, compute_layout
 from .loader import LoadStats, load_rank_state
 from .parallel.comm import Collectives
+from .parallel.devices import state_to_device, torch_device
 from .parallel.fsdp import assign_stored, axis_groups, storage_axes
 from .parallelize import assign_state, check_runtime, parallelize
 from .plan import Plan, resolve_plan
@@ -129,6 +130,8 @@ def load_sharded(
         if comm.rank == 0:
             log.info("Sharding weights for ranks: 0...%d", comm.world_size - 1)
         state, stats = load_rank_state(source, layout, comm.rank, torch_dtype, read_threads, progress)
+    # Weights straight to the device, through pinned staging buffers (no second full host copy).
+    state = state_to_device(state, device)
     with torch.device("meta"), _skip_init():
         model = family(config.family).build(config)
     mesh = layout.mesh
@@ -158,7 +161,7 @@ def load_sharded(
             if comm.rank == 0:
                 log.info("Fused %d projection groups (%s)", fused,
                          " and ".join(n for n, on in (("q/k/v", fused_qkv), ("gate/up", fused_gate_up)) if on))
-    model.to(device)
+    model.to(torch_device(device))  # what the state did not hold (buffers); the weights are there already
     model.eval()
     return ShardedModel(model, config, layout, comm.rank, comm, stats, torch_dtype)
 

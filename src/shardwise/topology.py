@@ -168,8 +168,13 @@ def load_partition_config(path: str | Path) -> PartitionConfig:
 
 
 def cuda_device_count() -> int:
+    """CUDA devices on this machine; with device checks on and no CUDA, as many as asked for (simulated)."""
     import torch
 
+    from .parallel.devices import simulating
+
+    if simulating("cuda"):
+        return 1 << 30
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

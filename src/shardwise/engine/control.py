@@ -13,7 +13,6 @@ from __future__ import annotations
 import pickle
 
 import torch
-import torch.distributed as dist
 
 from ..parallel.comm import Collectives
 
@@ -31,29 +30,29 @@ class Control:
         if not self.followers:
             return
         blob = b"" if payload is None else pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-        self.comm.broadcast(torch.tensor([kind, len(blob)], dtype=torch.int64))
+        self.comm.host_broadcast(torch.tensor([kind, len(blob)], dtype=torch.int64))
         if blob:
-            self.comm.broadcast(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+            self.comm.host_broadcast(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
 
     def receive(self) -> tuple[int, object]:
         """Other ranks: the next action and its payload (None if it has none)."""
-        header = self.comm.broadcast(torch.zeros(2, dtype=torch.int64))
+        header = self.comm.host_broadcast(torch.zeros(2, dtype=torch.int64))
         kind, size = int(header[0]), int(header[1])
         if not size:
             return kind, None
-        blob = self.comm.broadcast(torch.empty(size, dtype=torch.uint8))
+        blob = self.comm.host_broadcast(torch.empty(size, dtype=torch.uint8))
         # Sent by rank 0 of our own process group, which the engine's parent started: a trusted peer.
         return kind, pickle.loads(blob.numpy().tobytes())
 
     def wake(self, work: bool) -> None:
         """Rank 0, after ``send(IDLE)``: release the waiting ranks, to work or to wait again."""
         if self.followers:
-            dist.broadcast(torch.tensor([int(work)]), src=0, group=self.comm.group)
+            self.comm.host_broadcast(torch.tensor([int(work)]), fast=False)
 
     def wait_for_wake(self) -> None:
         """Other ranks, after receiving ``IDLE``: block (without spinning) until rank 0 has work."""
         flag = torch.zeros(1, dtype=torch.int64)
         while True:
-            dist.broadcast(flag, src=0, group=self.comm.group)
+            self.comm.host_broadcast(flag, fast=False)
             if flag.item():
                 return

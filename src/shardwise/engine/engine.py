@@ -133,12 +133,15 @@ class Engine:
         import torch.distributed as dist
 
         from .. import settings
+        from ..parallel import devices as dev
 
         self._owns_group = not dist.is_initialized()
         if self._owns_group:
-            torch.set_num_threads(threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-            dist.init_process_group(default_backend(self.options.device),
-                                    timeout=timedelta(seconds=settings.collective_timeout()))
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            torch.set_num_threads(threads_per_rank(local))
+            dev.setup_rank(self.options.device, int(os.environ["RANK"]), 0, devices, local, None,
+                           default_backend(self.options.device),
+                           timeout=timedelta(seconds=settings.collective_timeout()))
         rank = dist.get_rank()
         if dist.get_world_size() != world:
             raise ShardwiseError(f"torchrun started {dist.get_world_size()} ranks but the mesh has {world}")
@@ -200,7 +203,10 @@ class Engine:
         import torch.distributed as dist
 
         if self._owns_group and dist.is_initialized():
+            from ..parallel import devices as dev
+
             dist.destroy_process_group()
+            dev.release_device()
 
     def __enter__(self) -> Engine:
         return self

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .. import settings
 from ..errors import ShardwiseError
+from ..parallel import devices as dev
 from ..runner import RunOptions, load_rank_model, run_plan
 from .control import Control
 from .scheduler import Scheduler, follow
@@ -43,22 +44,26 @@ def rank_entry(local_rank: int, world: int, start_rank: int, init_method: str, b
     if rank != 0:
         log.setLevel(logging.WARNING)
     try:
-        if world > 1:
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=settings.collective_timeout()))
+        if world > 1:  # the device first, then the group (devices.py)
+            dev.setup_rank(opts.device, rank, start_rank, devices, len(threads), init_method, backend,
+                           world_size=world, timeout=timedelta(seconds=settings.collective_timeout()))
+        else:
+            dev.bind_device(dev.rank_device(opts.device, rank, start_rank, devices), rank)
         serve_rank(rank, opts, rows, eos, devices, conn, batch_invariant)
+        dev.log_report(rank)
     except BaseException as exc:  # noqa: BLE001 - reported to the engine, which decides what the user sees
         report_failure(conn, rank, exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        dev.release_device()
 
 
 def serve_rank(rank: int, opts: RunOptions, rows: int, eos: tuple[int, ...], devices: tuple[str, ...] | None,
                conn, batch_invariant: bool = True) -> None:
     """Load this rank's part of the model, then serve: rank 0 schedules, the others follow."""
     t0 = time.perf_counter()
-    device = devices[rank] if devices else opts.device
+    device = dev.bound_device() or (devices[rank] if devices else opts.device)
     sharded, comm = load_rank_model(opts, rank, device)
     shard_s, load_s = comm.max_over_ranks([sharded.stats.seconds, time.perf_counter() - t0])
     runner = StepRunner(sharded, run_plan(opts, sharded.config), rows, opts.seq_len, device, batch_invariant)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import ShardwiseError
 from ..generation import Sampling, _mask, sample
+from ..parallel.devices import put, state_to_device, to_host, torch_device
 from ..plan import Plan
 from ..sharded_model import ShardedModel
 from .slots import SlotCache
@@ -84,7 +85,7 @@ class StepRunner:
         floor = batch_invariant_rows(self.model, max(rows, 4)) if batch_invariant else 1
         self.min_rows = int(self.comm.max_over_ranks([float(floor)])[0])
         self.cache = SlotCache(sharded.config.num_layers, rows, max_len, sharded.config.sliding_window)
-        self.model.prepare(max_len, device)
+        self.model.prepare(max_len, torch_device(device))
         self.rows: dict[int, _Row] = {}
 
     @torch.inference_mode()
@@ -107,8 +108,8 @@ class StepRunner:
         ids = torch.tensor([join.prompt], dtype=torch.long)
         positions = torch.arange(n)[None]
         mask = _mask(torch.ones(1, n, dtype=torch.bool), positions, torch.arange(n), positions, self.cache.window)
-        logits = self.model(ids.to(self.device), positions.to(self.device), mask.to(self.device),
-                            self.cache.row(join.slot), 0)[:, -1].float().cpu()
+        logits = to_host(self.model(put(ids, self.device), put(positions, self.device), put(mask, self.device),
+                                    self.cache.row(join.slot), 0)[:, -1].float())
         generator = None if join.sampling.greedy else torch.Generator().manual_seed(join.sampling.seed)
         row = _Row(join.request_id, 0, n, join.sampling, generator)
         row.token = self._choose(logits, [row])[0]
@@ -123,7 +124,7 @@ class StepRunner:
         for j, row in enumerate(rows):
             ids[j, 0], positions[j, 0] = row.token, row.position
         view = self.cache.decode(slots, [r.position for r in rows], batch)
-        logits = self.model(ids.to(self.device), positions.to(self.device), None, view, 0)[:, -1].float().cpu()
+        logits = to_host(self.model(put(ids, self.device), put(positions, self.device), None, view, 0)[:, -1].float())
         tokens = self._choose(logits[:len(rows)], rows)
         for row, token in zip(rows, tokens):
             row.token, row.position = token, row.position + 1
@@ -137,7 +138,7 @@ class StepRunner:
                 tokens[j] = sample(logits[j:j + 1], row.sampling, row.generator)[0]
                 sampled = True
         if sampled:  # ranks hold identical logits and generators; one draw from rank 0 makes agreement certain
-            self.comm.broadcast(tokens)
+            self.comm.host_broadcast(tokens)  # chosen on the host (per-request generators): the CPU backend
         return tokens.tolist()
 
     def swap(self, model_path: str) -> tuple[float, int]:
@@ -172,7 +173,7 @@ class StepRunner:
             raise ShardwiseError(errors[0])
         with torch.no_grad():
             missing, unexpected = self.model.load_state_dict(
-                {n: t.to(self.device) for n, t in state.items()}, strict=False)
+                state_to_device(state, self.device), strict=False)
         if unexpected:
             raise ShardwiseError(f"swap: {len(unexpected)} tensors have no parameter, e.g. {unexpected[0]}")
         return time.perf_counter() - t0, bytes_read
@@ -182,11 +183,7 @@ def _gather_errors(comm, error: str) -> list[str]:
     """Every rank's error (empty string: none), so all ranks decide the same."""
     if comm.world_size == 1:
         return [error] if error else []
-    import torch.distributed as dist
-
-    errors: list[str] = [""] * comm.world_size
-    dist.all_gather_object(errors, error, group=comm.group)
-    return [e for e in errors if e]
+    return [e for e in comm.all_gather_object(error) if e]
 
 
 def layout_difference(old, new) -> str:

@@ -10,6 +10,11 @@ construction) and the group has a gloo backend, CPU tensors go through shared me
 ranks). Everything else (CUDA tensors, ranks on several hosts, dtypes shared memory cannot sum) goes
 through ``torch.distributed``. ``SHARDWISE_FAST_COLLECTIVES=0`` or ``Collectives(fast=False)`` turns
 the shared-memory path off, e.g. to compare against gloo.
+
+On a GPU every tensor given to ``all_reduce``/``all_gather``/``broadcast`` must live on the rank's
+device; host-side values (timings, the engine's step headers, tokens chosen on the host) go through
+``host_all_gather``/``host_broadcast``, which need the group's CPU backend (``"cpu:gloo,cuda:nccl"``).
+With ``SHARDWISE_CHECK_DEVICES=1`` every call is checked against these rules (``devices.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .. import settings
-from . import shm
+from . import devices, shm
 
 log = logging.getLogger("shardwise")
 
@@ -36,13 +41,17 @@ class Collectives:
     def __init__(self, group: dist.ProcessGroup | None = None, fast: bool | None = None, **shm_options):
         self.group = group
         self.shm: shm.ShmCollectives | None = None
+        self.check = devices.checking()  # read once: one attribute test per call when off
         if dist.is_available() and dist.is_initialized():
             self.world_size = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
         else:
             self.world_size, self.rank = 1, 0
         if self.world_size > 1:
-            wanted = fast_collectives_wanted(fast) and "gloo" in str(dist.get_backend(group)).lower()
+            # On a real GPU, shared memory would only carry the few host scalars: not worth a segment.
+            on_gpu = devices.torch_device(devices.bound_device() or "cpu").type == "cuda"
+            wanted = (fast_collectives_wanted(fast) and not on_gpu
+                      and "gloo" in str(dist.get_backend(group)).lower())
             if shm.agree_on_fast_path(wanted, group):
                 try:
                     self.shm = shm.ShmCollectives(group, **shm_options)
@@ -60,15 +69,29 @@ class Collectives:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over ranks, in place."""
         if self.world_size > 1:
-            if self.shm is not None and x.device.type == "cpu" and x.dtype in shm.REDUCIBLE:
-                return self.shm.all_reduce(x)
-            dist.all_reduce(x, group=self.group)
+            if self.check:
+                devices.check_collective("all_reduce", [x])
+                self._all_reduce(devices.plain(x))
+                return x
+            self._all_reduce(x)
         return x
+
+    def _all_reduce(self, x: torch.Tensor) -> None:
+        if self.shm is not None and x.device.type == "cpu" and x.dtype in shm.REDUCIBLE:
+            self.shm.all_reduce(x)
+        else:
+            dist.all_reduce(x, group=self.group)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim``, in rank order."""
         if self.world_size == 1:
             return x
+        if self.check:
+            devices.check_collective("all_gather", [x])
+            return devices.like(self._all_gather(devices.plain(x), dim), x)
+        return self._all_gather(x, dim)
+
+    def _all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if self.shm is not None and x.device.type == "cpu":
             return self.shm.all_gather(x, dim)
         x = x.contiguous()
@@ -77,20 +100,59 @@ class Collectives:
         return torch.cat(parts, dim=dim)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``x`` on every rank, in place."""
         if self.world_size > 1:
-            if self.shm is not None and x.device.type == "cpu":
-                return self.shm.broadcast(x, src)
-            dist.broadcast(x, src=src, group=self.group)
+            if self.check:
+                devices.check_collective("broadcast", [x])
+                self._broadcast(devices.plain(x), src, True)
+                return x
+            self._broadcast(x, src, True)
         return x
+
+    def _broadcast(self, x: torch.Tensor, src: int, fast: bool) -> None:
+        if fast and self.shm is not None and x.device.type == "cpu":
+            self.shm.broadcast(x, src)
+        else:
+            dist.broadcast(x, src=src, group=self.group)
+
+    # Host-side values: allowed on a GPU run only because its group has a CPU backend (devices.py).
+    def host_all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """``all_gather`` of a host tensor (a few scalars), over the group's CPU backend."""
+        if self.world_size == 1:
+            return x
+        if self.check:
+            devices.check_collective("host_all_gather", [x], host=True)
+        return self._all_gather(x, dim)
+
+    def host_broadcast(self, x: torch.Tensor, src: int = 0, fast: bool = True) -> torch.Tensor:
+        """``broadcast`` of a host tensor over the group's CPU backend; ``fast=False`` always takes
+        torch.distributed (a blocking socket read, no spinning: the engine's idle wait)."""
+        if self.world_size > 1:
+            if self.check:
+                devices.check_collective("host_broadcast", [x], host=True)
+            self._broadcast(x, src, fast)
+        return x
+
+    def all_gather_object(self, obj: object) -> list:
+        """Every rank's picklable ``obj``, in rank order (e.g. errors, so that all ranks decide alike)."""
+        if self.world_size == 1:
+            return [obj]
+        if self.check:
+            devices.check_collective("all_gather_object")
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
     def barrier(self) -> None:
         if self.world_size > 1:  # not on a hot path: gloo's barrier (no busy waiting while ranks load)
+            if self.check:
+                devices.check_collective("barrier")
             dist.barrier(group=self.group)
 
     def max_over_ranks(self, values: list[float]) -> list[float]:
-        """Element-wise maximum of every rank's ``values`` (e.g. the slowest rank's timings)."""
+        """Element-wise maximum of every rank's ``values`` (e.g. the slowest rank's timings): host values."""
         t = torch.tensor(values, dtype=torch.float64)
-        return self.all_gather(t[None], dim=0).amax(0).tolist() if self.world_size > 1 else values
+        return self.host_all_gather(t[None], dim=0).amax(0).tolist() if self.world_size > 1 else values
 
     def subgroup(self, partition: list[list[int]], **options) -> Collectives:
         """The collectives of this rank's part of ``partition`` (lists of global ranks covering the world).

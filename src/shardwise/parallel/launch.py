@@ -29,6 +29,7 @@ from torch.multiprocessing.spawn import ProcessException
 from .. import settings
 from ..errors import ShardwiseError
 from ..settings import free_port
+from . import devices as dev
 
 Worker = Callable[..., Any]
 # Errors a rank reports when a *peer* went away; never the root cause of a failure.
@@ -45,21 +46,26 @@ def threads_per_rank(local_ranks: int) -> int:
 
 
 def default_backend(device: str) -> str:
-    return "nccl" if device.startswith("cuda") else "gloo"
+    """gloo on CPU; ``"cpu:gloo,cuda:nccl"`` on CUDA (host scalars need a CPU backend: see devices.py)."""
+    return dev.backend_for(device)
 
 
 def _rank_entry(local_rank: int, fn: Worker, world: int, start_rank: int, init_method: str, backend: str,
-                threads: Sequence[int], args: tuple, error_dir: str) -> None:
+                threads: Sequence[int], args: tuple, error_dir: str, device: str = "cpu",
+                devices: Sequence[str] | None = None) -> None:
     rank = start_rank + local_rank
     torch.set_num_threads(threads[local_rank])
     _thread_lock_for_progress_bars()
     try:
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=settings.collective_timeout()))
+        # The device first, then the group (NCCL and the object collectives use the current device).
+        dev.setup_rank(device, rank, start_rank, devices, len(threads), init_method, backend, world_size=world,
+                       timeout=timedelta(seconds=settings.collective_timeout()))
         try:
             fn(rank, world, *args)
+            dev.log_report(rank)
         finally:
             dist.destroy_process_group()
+            dev.release_device()
     except BaseException as exc:
         internal = not isinstance(exc, (ShardwiseError, KeyboardInterrupt))
         text = f"internal error: {type(exc).__name__}: {exc}" if internal else str(exc)
@@ -88,8 +94,13 @@ def _thread_lock_for_progress_bars() -> None:
 
 
 def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo", start_rank: int = 0,
-           local_ranks: int | None = None, threads: Sequence[int] | None = None) -> None:
+           local_ranks: int | None = None, threads: Sequence[int] | None = None, device: str = "cpu",
+           devices: Sequence[str] | None = None) -> None:
     """Run ``fn(rank, world_size, *args)`` on every rank; returns when all ranks have finished.
+
+    Each rank's device (``devices.rank_device``: ``devices[rank]`` from a partition config, else
+    ``cuda:<local rank>`` for ``device="cuda"``, else ``device``) is bound before its process group
+    is created; ``fn`` finds it with ``devices.bound_device()``.
 
     On several nodes, each node runs ranks ``start_rank .. start_rank+local_ranks-1`` and they meet
     at ``MASTER_ADDR:MASTER_PORT`` (NxD's ``--start_rank_id`` / ``--local_ranks_size``). ``threads``
@@ -102,11 +113,14 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo",
             raise ShardwiseError(f"torchrun started {world} ranks but --tp-degree is {world_size}")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(threads[rank] if threads is not None else threads_per_rank(local))
-        dist.init_process_group(backend, timeout=timedelta(seconds=settings.collective_timeout()))
+        dev.setup_rank(device, rank, 0, devices, local, None, backend,
+                       timeout=timedelta(seconds=settings.collective_timeout()))
         try:
             fn(rank, world, *args)
+            dev.log_report(rank)
         finally:
             dist.destroy_process_group()
+            dev.release_device()
         return
     local = world_size - start_rank if local_ranks is None else local_ranks
     if start_rank < 0 or local < 1 or start_rank + local > world_size:
@@ -114,7 +128,12 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo",
     if world_size == 1:
         if threads is not None:
             torch.set_num_threads(threads[0])
-        fn(0, 1, *args)
+        dev.bind_device(dev.rank_device(device, 0, 0, devices), 0)  # no group, no peers: nothing to claim
+        try:
+            fn(0, 1, *args)
+            dev.log_report(0)
+        finally:
+            dev.release_device()
         return
     address, port = "127.0.0.1", None
     if local < world_size:
@@ -130,7 +149,7 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo",
     with tempfile.TemporaryDirectory(prefix="shardwise-ranks-") as error_dir:
         context = mp.start_processes(_rank_entry,
                                      args=(fn, world_size, start_rank, f"tcp://{address}:{port or free_port()}",
-                                           backend, threads, args, error_dir),
+                                           backend, threads, args, error_dir, device, devices),
                                      nprocs=local, start_method="spawn", join=False)
         try:
             while not context.join():
