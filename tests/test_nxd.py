@@ -224,7 +224,7 @@ def _rank_body(rank: int, world: int, model_path: str, out: str) -> None:
         torch.save(result, out)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2])
 def test_on_device_sampling_and_fusion_are_exact(tiny_models, tmp_path, world):
     """gqa9_tied: vocab 101 (padded at TP 2 and 3), tied embeddings. Same tokens with and without
     on-device sampling (greedy, top-k/top-p with a seed, whole-vocabulary sampling), fewer bytes, and the
@@ -238,7 +238,7 @@ def test_on_device_sampling_and_fusion_are_exact(tiny_models, tmp_path, world):
         assert r[(name, False)][0] == r[(name, True)][0], name
     assert r[("top_k", True)][0] != r[("greedy", True)][0]  # sampling did sample
     gathered, ods = r[("greedy", False)][1], r[("greedy", True)][1]
-    assert gathered == 2 * world * 51 * 4 if world == 2 else gathered == 2 * 3 * 34 * 4  # batch x padded vocab
+    assert gathered == 2 * world * 51 * 4  # batch x padded vocabulary (101 -> 2 x 51) x float32
     assert ods == 2 * world * 2 * 4  # one (value, id) pair per rank and row
     assert r[("top_k", True)][1] == 2 * world * 2 * 5 * 4
     assert r["fused"][0] == r[("greedy", False)][0]
@@ -313,7 +313,7 @@ def _phi3_body(rank: int, world: int, model_path: str, out: str) -> None:
         torch.save(result, out)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [3])  # GQA 8/2 at TP 3 replicates KV heads; intermediate 100 is uneven
 def test_phi3_fused_checkpoint_loads_sharded_and_matches_hf(tiny_phi3, tmp_path, world):
     import transformers
 
