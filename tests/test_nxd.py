@@ -226,7 +226,7 @@ def _rank_body(rank: int, world: int, model_path: str, out: str) -> None:
 
 @pytest.mark.parametrize("world", [2])
 def test_on_device_sampling_and_fusion_are_exact(tiny_models, tmp_path, world):
-    """gqa9_tied: vocab 101 (padded at TP 2 and 3), tied embeddings. Same tokens with and without
+    """gqa9_tied: vocab 101 (padded at TP 2), 9 heads (padded), tied embeddings. Same tokens with and without
     on-device sampling (greedy, top-k/top-p with a seed, whole-vocabulary sampling), fewer bytes, and the
     fused q/k/v + gate/up model gives bit-identical logits."""
     from shardwise.parallel.launch import launch
