@@ -62,7 +62,7 @@ def add_nxd_flags(parser: argparse.ArgumentParser, add) -> None:
         if f.nargs is None:
             add(group, f.flag, dest=dest, action="store_true", help=f.effect)
         else:
-            add(group, f.flag, dest=dest, default=None, type=f.value_type,
+            add(group, f.flag, dest=dest, default=None, type=f.value_type, metavar="N",
                 nargs=None if f.nargs == "1" else f.nargs, help=f.effect)
 
 
