@@ -28,6 +28,13 @@ def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
     parser.add_argument(*names, **kwargs)
 
 
+def _tolerances() -> str:
+    from .accuracy import LOGIT_TOLERANCE
+    from .dtypes import name_of
+
+    return ", ".join(f"{name_of(d)} {a:g} + {r:g}" for d, (a, r) in LOGIT_TOLERANCE.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardwise", description=DESCRIPTION, formatter_class=_Formatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors (also SHARDWISE_DEBUG=1)")
@@ -61,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--no-chat-template", action="store_true", help="tokenize prompts as raw text")
     _add(run, "--check-accuracy-mode", default="skip-accuracy-check",
          choices=["skip-accuracy-check", "token-matching", "logit-matching"],
-         help="compare with HF transformers on one process: greedy tokens, or logits within tolerance")
+         help="compare greedy output with HF transformers on one process. token-matching: tokens must be "
+              "identical; at the first divergence the top-2 logit margins of both sides are shown, and a "
+              "divergence whose two tokens are within the dtype's logit tolerance on both sides (a near-tie "
+              "that summation order alone flips, common in bf16) is a warning, not a failure. logit-matching: "
+              "teacher-forced as in NxD (HF's tokens fed to both sides at every position), logits compared "
+              "position by position within atol + rtol * max|logit|: " + _tolerances())
     _add(run, "--benchmark", action="store_true",
          help="time load, prefill and decode after a warm-up; write benchmark_report.json")
     _add(run, "--benchmark-iterations", type=int, default=3, help="timed repetitions (median reported)")
@@ -108,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--sequence-parallel-enabled", action="store_true",
          help="split the residual stream by sequence over the tensor ranks (adds the family's sequence-parallel "
               "activation rules to the plan)")
+    from .nxd_flags import add_nxd_flags
+
+    add_nxd_flags(run, _add)
 
     plan = sub.add_parser(
         "plan", help="will it fit? bytes per rank and collective traffic, from config and headers only",
@@ -256,6 +271,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .convert import bundled_model_dir
+    from .nxd_flags import nxd_options
     from .runner import DEFAULT_PROMPT, RunOptions, run
 
     if args.model_path is None and args.skip_sharding and args.compiled_model_path:
@@ -279,6 +295,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         speculation_type=args.speculation_type, draft_model_tp_degree=args.draft_model_tp_degree,
         enable_bucketing=args.enable_bucketing, context_encoding_buckets=args.context_encoding_buckets,
         token_generation_buckets=args.token_generation_buckets,
+        **nxd_options(args),
     )
     result = run(opts)
     if result.texts and result.task == "causal-lm":

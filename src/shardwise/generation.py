@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import sampler
 from .decode_buckets import DecodeBuckets
 from .kv_cache import KVCache
 from .parallel.comm import Collectives
@@ -42,6 +43,7 @@ class Generated:
     decode_steps: int
     step_logits: list[torch.Tensor] = field(default_factory=list)  # [batch, vocab] per step, if kept
     cache_bytes: int = 0
+    sampling_bytes_per_step: int = 0  # bytes of logits or candidates gathered to choose one step's tokens
 
 
 def distribution(logits: torch.Tensor, cfg: Sampling) -> torch.Tensor:
@@ -62,9 +64,9 @@ def distribution(logits: torch.Tensor, cfg: Sampling) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, cfg: Sampling, gen: torch.Generator | None) -> torch.Tensor:
-    if cfg.greedy:
-        return logits.argmax(-1)
-    return torch.multinomial(distribution(logits, cfg), 1, generator=gen).squeeze(-1)
+    """One token per row of ``[batch, vocab]`` logits: greedy, or top-k/top-p/temperature (``distribution``)
+    from a seeded draw over canonical candidates (``sampler.py``), so on-device sampling picks the same tokens."""
+    return sampler.sample(logits, cfg.top_k, cfg.top_p, cfg.temperature, gen)
 
 
 def _mask(key_valid: torch.Tensor, key_pos: torch.Tensor, q_slots: torch.Tensor, q_pos: torch.Tensor,
@@ -94,6 +96,7 @@ def generate(
     keep_logits: bool = False,
     device: torch.device | str = "cpu",
     buckets: DecodeBuckets | None = None,
+    on_device_sampling: bool = False,
 ) -> Generated:
     """Generate up to ``max_new_tokens`` tokens after each prompt (token ids), all rows in one batch.
 
@@ -104,7 +107,9 @@ def generate(
     ``keep_logits`` also keeps each step's logits (for accuracy checks). Greedy output is token for token
     what HF transformers generates on one process. With ``buckets`` (``decode_buckets.py``) prefill runs
     on the prompt batch left-padded to its context-encoding bucket and each decode step attends over a
-    token-generation bucket of KV slots; the tokens are the same.
+    token-generation bucket of KV slots; the tokens are the same. ``on_device_sampling`` (NxD's flag)
+    has each rank reduce its own vocabulary shard to candidates before anything is gathered: the same
+    tokens (greedy, and sampled with the same seed), a fraction of the bytes.
 
     On a GPU, ids, masks, positions and sampling stay on the device: the prompt's tensors are moved
     once, each step's tokens are chosen (and, when sampled, broadcast) on the device and fed back as
@@ -127,17 +132,28 @@ def generate(
     key_pos = torch.zeros(batch, slots_total, dtype=torch.long)
     key_pos[:, :longest] = (key_valid[:, :longest].cumsum(1) - 1).clamp(min=0)
     key_pos[:, longest:] = key_pos[:, longest - 1:longest] + torch.arange(1, slots_total - longest + 1)
-    window = model.config.sliding_window
     cache = KVCache(model.config.num_layers, slots_total)
     model.prepare(slots_total, torch_device(device))
     slot_index = put(torch.arange(slots_total), device)
     gen = torch.Generator(torch_device(device)).manual_seed(sampling.seed)  # sampling on the device
+    chooser = _Chooser(model, sampling, gen, comm, on_device_sampling, keep_logits)
+    try:
+        return _generate(model, prompts, max_new_tokens, eos_token_ids, ids, key_valid, key_pos, cache, chooser,
+                         device, longest, total, buckets, slot_index)
+    finally:
+        chooser.close()
+
+
+def _generate(model, prompts, max_new_tokens, eos_token_ids, ids, key_valid, key_pos, cache, chooser, device,
+              longest, total, buckets, slot_index) -> Generated:
+    batch = len(prompts)
+    window = model.config.sliding_window
 
     t0 = time.perf_counter()
     positions = key_pos[:, :longest]
     mask = _mask(key_valid[:, :longest], positions, torch.arange(longest), positions, window)
-    logits = model(put(ids, device), put(positions, device), put(mask, device), cache, 0)[:, -1].float()
-    tokens = _choose(logits, sampling, gen, comm)
+    logits = model(put(ids, device), put(positions, device), put(mask, device), cache, 0)[:, -1]
+    tokens, kept_logits = chooser(logits)
     synchronize(device)
     t1 = time.perf_counter()
 
@@ -155,7 +171,7 @@ def generate(
     eos = set(eos_token_ids)
     out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
-    kept = [to_host(logits)] if keep_logits else []
+    kept = [kept_logits] if kept_logits is not None else []
     steps = 0
     for step in range(max_new_tokens):
         for i, t in enumerate(tokens.tolist()):
@@ -178,21 +194,64 @@ def generate(
             mask = mask & (slot_index[:keys] <= slot)
             cache.attend_to = keys
         logits = model(tokens[:, None], dev_pos[:, slot:slot + 1], mask, cache, slot)  # tokens: on the device
-        logits = logits[:, -1].float()
-        tokens = _choose(logits, sampling, gen, comm)
-        if keep_logits:
-            kept.append(to_host(logits))
+        tokens, kept_logits = chooser(logits[:, -1])
+        if kept_logits is not None:
+            kept.append(kept_logits)
         steps += 1
     synchronize(device)
     t2 = time.perf_counter()
     prompt_tokens = sum(len(p) for p in prompts)
-    return Generated(out, t1 - t0, t2 - t1, prompt_tokens, steps, kept, cache.nbytes)
+    return Generated(out, t1 - t0, t2 - t1, prompt_tokens, steps, kept, cache.nbytes, chooser.step_bytes)
 
 
-def _choose(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator, comm: Collectives) -> torch.Tensor:
-    tokens = sample(logits, sampling, gen)
-    if not sampling.greedy:
-        # Ranks hold identical logits, but one draw broadcast from rank 0 makes agreement certain. The
-        # tokens are on the logits' device: a device collective, never a host tensor on NCCL.
-        comm.broadcast(tokens)
-    return tokens
+class _Chooser:
+    """Picks each step's tokens from the model's last-position output, gathered or on-device.
+
+    On-device: the output layer (``lm_head``, column-parallel) is told not to gather, each rank reduces
+    its shard (``sampler.sample_sharded``), and the layer is restored afterwards. A model whose output
+    layer is not split by vocabulary rows has nothing to reduce: the gathered path runs, same tokens.
+    Tokens stay on the logits' device (fed back as the next input); kept logits go to the host.
+    """
+
+    def __init__(self, model: Model, sampling: Sampling, gen: torch.Generator, comm: Collectives,
+                 on_device: bool, keep_logits: bool):
+        self.sampling, self.gen, self.comm, self.keep_logits = sampling, gen, comm, keep_logits
+        self.step_bytes = 0
+        self.vocab_size = model.config.vocab_size
+        head = getattr(model, "lm_head", None)
+        gathering = getattr(head, "gather_output", False)
+        # What the gathered path moves per row: every rank's rows of the output layer, padding included.
+        self.gathered_width = head.weight.shape[0] * comm.world_size if gathering else self.vocab_size
+        self.head = head if on_device and gathering else None
+        if self.head is not None:
+            self.head.gather_output = False
+            self.local_ids = self.head.local_index.to(head.weight.device)
+            self.ascending = sampler.ids_ascending(self.head.local_index)
+
+    def close(self) -> None:
+        if self.head is not None:
+            self.head.gather_output = True
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s = self.sampling
+        if self.head is None:
+            self.step_bytes = (logits.shape[0] * self.gathered_width * logits.element_size()
+                               if self.comm.world_size > 1 else 0)
+            logits = logits.float()
+            tokens = sample(logits, s, self.gen)
+            kept = to_host(logits) if self.keep_logits else None
+        else:
+            tokens, self.step_bytes = sampler.sample_sharded(logits, self.local_ids, self.vocab_size, s.top_k, s.top_p,
+                                                             s.temperature, self.gen, self.comm, self.ascending)
+            kept = None
+            if self.keep_logits:  # accuracy checks compare whole logits: gather them as the layer would have
+                full = self.comm.all_gather(logits, dim=-1)
+                index = self.head.gather_index
+                full = (full.index_select(-1, index.to(full.device)) if index is not None
+                        else full[..., :self.vocab_size])
+                kept = to_host(full.float())
+        if not s.greedy:
+            # Ranks hold identical candidates, but one draw broadcast from rank 0 makes agreement certain. The
+            # tokens are on the logits' device: a device collective, never a host tensor on NCCL.
+            self.comm.broadcast(tokens)
+        return tokens, kept

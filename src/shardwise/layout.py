@@ -72,6 +72,14 @@ class TensorLayout:
     shape: tuple[int, ...]
     spec: Spec  # normalised to one entry per dimension
     shards: tuple[ShardSlice, ...]  # indexed by rank
+    # A part of a fused checkpoint tensor (``source``, e.g. Phi-3's qkv_proj): its segments index the
+    # source's rows directly, so it is read like any stored tensor, only from the rows of its part.
+    fused_part: bool = False
+
+    @property
+    def stored(self) -> bool:
+        """Read from the checkpoint for this parameter (not a view of another parameter, as tied ones are)."""
+        return self.source == self.name or self.fused_part
 
     @property
     def split_dims(self) -> tuple[int, ...]:
@@ -216,6 +224,18 @@ def compute_layout(
     tensor (``lm_head.weight`` with tied embeddings) are added, reading from the tensor they reuse.
     """
     sources = {name: name for name in tensors}
+    offsets: dict[str, int] = {}  # fused parts: first source row of the part
+    tensors = dict(tensors)
+    for fused, parts in _fused_parts(config, tensors).items():
+        shape, dtype = tensors.pop(fused)
+        del sources[fused]
+        row = 0
+        for part, rows in parts:
+            tensors[part] = ((rows, *shape[1:]), dtype)
+            sources[part], offsets[part] = fused, row
+            row += rows
+        if row != shape[0]:
+            raise ShardwiseError(f"{fused}: {shape[0]} rows, but its parts add up to {row}")
     for param, src in config.tied_sources.items():
         if param not in tensors and src in tensors:
             sources[param] = src
@@ -223,7 +243,7 @@ def compute_layout(
     heads_by_parts: dict[int, HeadAssignment] = {}
     layouts: dict[str, TensorLayout] = {}
     for name, src in sources.items():
-        shape, dtype = tensors[src]
+        shape, dtype = tensors[name if name in offsets else src]
         rule = _rule_for(plan, name)
         spec = _normalise(name, rule, len(shape), mesh)
         units = plan.units_for(name) or ()
@@ -249,11 +269,16 @@ def compute_layout(
                     dims.append(_head_segments(heads, config.head_dim))
                 else:
                     dims.append(_even_segments(shape[d], parts, index))
+            if name in offsets:  # the part's rows, found within the fused tensor
+                dims[0] = tuple(Segment(g.start + offsets[name] if g.start is not None else None, g.length)
+                                for g in dims[0])
             shards.append(ShardSlice(tuple(dims)))
-        layouts[name] = TensorLayout(name, src, dtype, tuple(shape), spec, tuple(shards))
+        layouts[name] = TensorLayout(name, src, dtype, tuple(shape), spec, tuple(shards), name in offsets)
     for name, t in layouts.items():
+        if t.stored:
+            continue
         src = layouts[t.source]
-        if t.source != name and t.shards != src.shards:
+        if t.shards != src.shards:
             raise ShardwiseError(f"{name} is tied to {t.source} (tie_word_embeddings), so both must be split the same "
                                  f"way; the plan gives {_show(t.spec)} and {_show(src.spec)}")
     _check_groups(plan, layouts)
@@ -264,6 +289,15 @@ def compute_layout(
         log.info("%d tensor(s) match no rule and are replicated on every rank: %s", len(uncovered),
                  ", ".join(sorted({generic_name(n) for n in uncovered})))
     return Layout(mesh, layouts, activations, uncovered, plan.output, sequence)
+
+
+def _fused_parts(config: ModelConfig, tensors) -> dict[str, list[tuple[str, int]]]:
+    """Checkpoint tensors that hold several parameters stacked by rows (the family says which), each
+    with its parts' names and row counts, e.g. Phi-3's qkv_proj -> q_proj, k_proj, v_proj."""
+    from .families import family
+
+    fused = getattr(family(config.family), "fused_parts", None)
+    return fused(config, list(tensors)) if fused is not None else {}
 
 
 def _show(spec: Spec) -> str:
@@ -467,7 +501,7 @@ class Layout:
         counted twice unless ``include_tied``.
         """
         return sum(math.prod(t.shards[rank].local_shape) * itemsize for t in self.tensors.values()
-                   if include_tied or t.source == t.name)
+                   if include_tied or t.stored)
 
     def gather_index(self, name: str, dim: int) -> list[int] | None:
         """Where each source row lands when rank-local rows of ``dim`` are concatenated in rank order.

@@ -45,8 +45,8 @@ def load_rank_state(
     """
     start = time.perf_counter()
     reader = SliceReader(source)
-    todo = [(name, t) for name, t in layout.tensors.items() if t.source == name]
-    mapped = [name for name, t in todo if map_weights and reader.mappable(name, t.shards[rank], dtype)]
+    todo = [(name, t) for name, t in layout.tensors.items() if t.stored]
+    mapped = [name for name, t in todo if map_weights and reader.mappable(t.source, t.shards[rank], dtype)]
     mapped_set = set(mapped)
     copied = [(name, t) for name, t in todo if name not in mapped_set]
     arena = Arena(sum(Arena.size_of(t.shards[rank].local_shape, dtype) for _, t in copied))
@@ -68,7 +68,7 @@ def load_rank_state(
             allow_open_files(len(mapped))  # each mapping holds a file descriptor
         for name in mapped:
             try:
-                results[name] = reader.map_slice(name, layout.tensors[name].shards[rank])
+                results[name] = reader.map_slice(layout.tensors[name].source, layout.tensors[name].shards[rank])
                 bar.update(1)
             except MapUnavailable as exc:
                 log.debug("copying %s instead of mapping it (%s)", name, exc)

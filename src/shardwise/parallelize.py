@@ -26,6 +26,14 @@ def _output_replicated(layout: Layout, module_name: str) -> bool:
     return False
 
 
+def _local_rows(segments) -> list[int]:
+    """Source row of each local row of a shard's dimension (-1 for padding)."""
+    rows: list[int] = []
+    for seg in segments:
+        rows.extend(range(seg.start, seg.start + seg.length) if seg.start is not None else [-1] * seg.length)
+    return rows
+
+
 def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, rank: int, comm: Collectives):
     shard = t.shards[rank]
     bias = module.bias is not None
@@ -35,6 +43,7 @@ def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, 
             module.in_features, module.out_features, bias=bias, gather_output=gather, comm=comm,
             local_out_features=shard.local_shape[0],
             gather_index=layout.gather_index(t.name, 0) if gather else None, device="meta",
+            local_index=_local_rows(shard.dims[0]),
         )
     if t.split_dims == (1,):
         return RowParallelLinear(

@@ -918,6 +918,9 @@ def preshard(
     plan = plan or resolve_plan(config.family)
     source = CheckpointSource(model_path)
     layout = model_layout(model_path, plan=plan, config=config, source=source, mesh=plan.mesh(tp_degree))
+    if any(t.fused_part for t in layout.tensors.values()):
+        raise ShardwiseError(f"{model_path} stores fused projections (e.g. qkv_proj, gate_up_proj): pre-sharding "
+                             "them is not supported yet; they shard on load (run without --save-sharded-checkpoint)")
     ranks = _rank_range(tp_degree, start_rank, local_ranks)
     compiled = Path(compiled_model_path)
     weights = _weights_dir(compiled)

@@ -76,6 +76,9 @@ class RunOptions:
     speculation_length: int | None = None  # tokens proposed per round; None: 4 when speculating, 0: off
     speculation_type: str | None = None  # "draft" (default with a draft path) or "ngram" (prompt lookup)
     draft_model_tp_degree: int | None = None  # None or the target's degree: sharded; 1: replicated per rank
+    on_device_sampling: bool = False  # NxD's --on-device-sampling: reduce each vocabulary shard before gathering
+    fused_qkv: bool = False  # NxD's --fused-qkv / --qkv-kernel-enabled: one q/k/v matmul per rank
+    fused_gate_up: bool = False  # NxD's --mlp-kernel-enabled: one gate/up matmul per rank
     enable_bucketing: bool = False  # NxD's --enable-bucketing: prefill and decode on static shapes (decode_buckets.py)
     context_encoding_buckets: list[int] | None = None  # prompt lengths; default powers of 2 to max_context_length
     token_generation_buckets: list[int] | None = None  # KV-cache lengths; default powers of 2 to seq_len
@@ -110,7 +113,8 @@ def _setup_logging() -> None:
 
 
 def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[int]]], pad_id: int,
-               eos: tuple[int, ...], result_path: str, devices: tuple[str, ...] | None = None) -> None:
+               eos: tuple[int, ...], result_path: str, devices: tuple[str, ...] | None = None,
+               forced_targets: list[list[list[int]]] | None = None) -> None:
     _setup_logging()
     if rank != 0:
         logging.getLogger("shardwise").setLevel(logging.WARNING)
@@ -121,7 +125,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     log.info("Done sharding weights in %.3f seconds", shard_s)
     log.info("Total model loading time: %.3f seconds", load_s)
     sampling = Sampling(opts.top_k, opts.top_p, opts.temperature, opts.seed)
-    keep_logits = opts.check_accuracy_mode == "logit-matching"
+    keep_logits = opts.check_accuracy_mode != "skip-accuracy-check"  # token matching reports margins
     speculation = speculation_of(opts)
     draft = load_draft(opts, comm, device) if speculation and speculation.kind == "draft" else None
     spec_stats = None
@@ -130,7 +134,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
 
     def plain() -> list[Generated]:
         return [generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device,
-                         buckets) for b in batches]
+                         buckets=buckets, on_device_sampling=opts.on_device_sampling) for b in batches]
 
     def run_all() -> list[Generated]:
         nonlocal spec_stats
@@ -149,7 +153,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     runs = 1
     if opts.benchmark:
         generate(sharded.module, batches[0], min(4, opts.max_new_tokens), pad_id, eos, sampling, comm,
-                 device=device, buckets=buckets)  # warm-up: first-call allocations and kernel selection
+                 device=device, buckets=buckets, on_device_sampling=opts.on_device_sampling)  # warm-up
         runs = max(1, opts.benchmark_iterations)
     timings = [run_all() for _ in range(runs)]
     results = timings[-1]
@@ -173,13 +177,22 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
                  speculation.kind, speculation.length, 100 * spec_stats.acceptance_rate,
                  spec_stats.tokens_per_target_forward,
                  f", {speculation_report['speedup']:.2f}x decode tokens/s" if opts.benchmark else "")
+    forced = None
+    if forced_targets is not None:  # teacher-forced logit matching: HF's tokens fed at every position
+        from .accuracy import forced_logits
+
+        forced = [forced_logits(sharded.module, b, t, pad_id, device) for b, t in zip(batches, forced_targets)]
+    if rank == 0 and opts.on_device_sampling:
+        log.info("On-device sampling: %d bytes gathered per step to choose the tokens",
+                 max(g.sampling_bytes_per_step for g in results))
     if rank == 0:
         torch.save({
             "tokens": [g.tokens for g in results],
-            "logits": [g.step_logits for g in results],
+            "logits": [g.step_logits for g in results], "forced_logits": forced,
             "load_seconds": load_s, "shard_seconds": shard_s,
             "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
             "threads_per_rank": torch.get_num_threads(),
+            "sampling_bytes_per_step": max(g.sampling_bytes_per_step for g in results),
             "bytes_held_rank0": sharded.stats.bytes_held, "bytes_read_rank0": sharded.stats.bytes_read,
             "speculation": speculation_report,
         }, result_path)
@@ -232,7 +245,7 @@ def load_rank_model(opts: RunOptions, rank: int, device: str) -> tuple[ShardedMo
     source = opts.model_path if Path(opts.model_path) != Path(opts.compiled_model_path or "") else None
     sharded = load_sharded(source, opts.torch_dtype, plan, comm, device, progress=opts.progress and rank == 0,
                            compiled_model_path=opts.compiled_model_path, weights=weights, reshard=opts.reshard,
-                           verify=opts.verify)
+                           verify=opts.verify, fused_qkv=opts.fused_qkv, fused_gate_up=opts.fused_gate_up)
     comm.barrier()
     return sharded, comm
 
@@ -401,11 +414,22 @@ def run(opts: RunOptions) -> RunResult:
         log.info("Done pre-sharding ranks %s in %.3f seconds (kept %s)", stats.ranks_written or "none",
                  stats.seconds, stats.ranks_skipped or "none")
     devices = topology.devices if topology else None
+    reference = None
+    if opts.check_accuracy_mode != "skip-accuracy-check":
+        from .accuracy import hf_reference
+
+        if not Sampling(opts.top_k, opts.top_p, opts.temperature).greedy:
+            raise ShardwiseError("accuracy checks compare greedy output: use --top-k 1")
+        # First, so that logit matching can feed HF's tokens to the ranks (teacher forcing); the HF
+        # model is freed before any rank loads.
+        log.info("Running HF transformers on one process for the accuracy check (%s)", opts.check_accuracy_mode)
+        reference = hf_reference(opts.model_path, batches, opts.max_new_tokens, pad_id, eos, dtype)
+    forced_targets = [tokens for tokens, _ in reference] if opts.check_accuracy_mode == "logit-matching" else None
     local = opts.local_ranks_size or world - opts.start_rank_id
     local_threads = topology.threads[opts.start_rank_id:opts.start_rank_id + local] if topology else None
     with tempfile.TemporaryDirectory(prefix="shardwise-") as tmp:
         result_path = str(Path(tmp) / "rank0.pt")
-        launch(_rank_main, world, (opts, batches, pad_id, eos, result_path, devices),
+        launch(_rank_main, world, (opts, batches, pad_id, eos, result_path, devices, forced_targets),
                default_backend(opts.device), opts.start_rank_id, opts.local_ranks_size, threads=local_threads,
                device=opts.device, devices=devices)
         if not Path(result_path).exists():  # a rank other than 0 under torchrun: rank 0 reports
@@ -420,14 +444,12 @@ def run(opts: RunOptions) -> RunResult:
                        speculation=data.get("speculation"))
     log.info("Prefill %.1f tokens/s, decode %.1f tokens/s", result.prefill_tokens_per_second,
              result.decode_tokens_per_second)
-    if opts.check_accuracy_mode != "skip-accuracy-check":
-        from .accuracy import compare, hf_reference
+    if reference is not None:
+        from .accuracy import compare
 
         log.info("Checking accuracy (%s) against HF transformers on one process", opts.check_accuracy_mode)
-        if not Sampling(opts.top_k, opts.top_p, opts.temperature).greedy:
-            raise ShardwiseError("accuracy checks compare greedy output: use --top-k 1")
-        reference = hf_reference(opts.model_path, batches, opts.max_new_tokens, pad_id, eos, dtype)
-        report = compare(opts.check_accuracy_mode, list(zip(data["tokens"], data["logits"])), reference, dtype)
+        report = compare(opts.check_accuracy_mode, list(zip(data["tokens"], data["logits"])), reference, dtype,
+                         data["forced_logits"])
         result.accuracy = report.detail
         if not report.passed:
             raise ShardwiseError(f"accuracy check ({report.mode}) failed: {report.detail}")
@@ -442,6 +464,7 @@ def run(opts: RunOptions) -> RunResult:
             "load_seconds": data["load_seconds"], "shard_seconds": data["shard_seconds"],
             "prefill_tokens_per_second": data["prefill_tokens_per_second"],
             "decode_tokens_per_second": data["decode_tokens_per_second"],
+            "sampling_bytes_per_step": data["sampling_bytes_per_step"],
             "new_tokens": [len(t) for t in tokens], "speculation": data.get("speculation"),
             "options": asdict(opts),
         }

@@ -76,6 +76,8 @@ def load_sharded(
     weights: str = "auto",
     reshard: bool = False,
     verify: str = "auto",
+    fused_qkv: bool = False,
+    fused_gate_up: bool = False,
 ) -> ShardedModel:
     """Load this rank's shard and return the tensor-parallel model, ready to run.
 
@@ -83,7 +85,8 @@ def load_sharded(
     checkpoint at ``model_path``; ``"presharded"`` reads ``compiled_model_path``'s rank file (refusing
     stale ones; ``reshard`` re-slices files made at another TP degree); ``"auto"`` uses a valid
     pre-sharded checkpoint when there is one and shards on load otherwise. ``verify`` is how the
-    source of pre-sharded files is checked (``presharded.check_presharded``).
+    source of pre-sharded files is checked (``presharded.check_presharded``). ``fused_qkv`` and
+    ``fused_gate_up`` concatenate each rank's q/k/v (gate/up) slices into one weight (``fusion.py``).
     """
     from . import presharded
 
@@ -146,6 +149,18 @@ def load_sharded(
     else:
         parallelize(model, layout, comm.rank, comm)
         assign_state(model, state)
+    if fused_qkv or fused_gate_up:
+        if storage:  # weights gathered on use per projection: fusing them would gather them all at once
+            if comm.rank == 0:
+                log.info("Not fusing projections: weights stored split over %s are gathered per projection",
+                         ", ".join(storage))
+        else:
+            from .fusion import fuse_projections
+
+            fused = fuse_projections(model, fused_qkv, fused_gate_up)
+            if comm.rank == 0:
+                log.info("Fused %d projection groups (%s)", fused,
+                         " and ".join(n for n, on in (("q/k/v", fused_qkv), ("gate/up", fused_gate_up)) if on))
     model.to(torch_device(device))  # what the state did not hold (buffers); the weights are there already
     model.eval()
     return ShardedModel(model, config, layout, comm.rank, comm, stats, torch_dtype)

@@ -47,6 +47,9 @@ class Family:
     # Where the capacity estimate finds what it sizes (`*` = a layer index): layer, q, k, v, mlp_in
     # (a column-parallel MLP weight), embedding (module), output (the logits weight).
     roles: Mapping[str, str] = field(default_factory=dict)
+    # (config, checkpoint tensor names) -> {fused tensor: [(parameter, rows), ...]}: checkpoints that stack
+    # several parameters in one tensor (Phi-3's qkv_proj, gate_up_proj); each part is laid out as itself.
+    fused_parts: Callable[[Any, list[str]], dict[str, list[tuple[str, int]]]] | None = None
 
     def tied_sources(self, config: Any) -> dict[str, str]:
         """Parameters with no tensor of their own in the checkpoint, and the tensor each reuses."""

@@ -36,11 +36,18 @@ class ColumnParallelLinear(nn.Module):
         gather_index: list[int] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        local_index: list[int] | None = None,
     ):
         super().__init__()
         self.comm = comm or default_collectives()
         self.in_features, self.out_features = in_features, out_features
         local = local_out_features or _even_local(out_features, self.comm.world_size)
+        if local_index is None:  # even split, padding at the end
+            start = self.comm.rank * local
+            local_index = [i if i < out_features else -1 for i in range(start, start + local)]
+        # The source row (output feature) of each local row, -1 for padding: what on-device sampling
+        # needs to name the tokens of this rank's vocabulary shard.
+        self.local_index = torch.tensor(local_index, dtype=torch.long)
         self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(local, dtype=dtype, device=device)) if bias else None
         self.gather_output = gather_output

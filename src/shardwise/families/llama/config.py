@@ -1,4 +1,4 @@
-"""The Llama family's config (Llama 2/3/3.1, Mistral, Qwen2): the shared fields plus what its model reads.
+"""The Llama family's config (Llama 2/3/3.1, Mistral, Qwen2, Phi-3): the shared fields plus what its model reads.
 
 The defaults are the ones transformers applies for these architectures.
 """
@@ -34,6 +34,10 @@ def read_config(raw: dict[str, Any], architecture: str) -> LlamaConfig:
         scaling.setdefault("rope_type", scaling.get("type", "default"))
         if scaling["rope_type"] == "default":
             scaling = None
+    partial = float({**raw, **rope_params}.get("partial_rotary_factor", 1.0) or 1.0)
+    if partial != 1.0:
+        raise ShardwiseError(f"partial_rotary_factor {partial} is not supported (rotary embeddings on every "
+                             "dimension are)")
     is_qwen2 = architecture == "Qwen2ForCausalLM"
     sliding = int_field(raw, "sliding_window") if raw.get("sliding_window") else None
     if is_qwen2 and not raw.get("use_sliding_window", False):
