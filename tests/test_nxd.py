@@ -90,7 +90,7 @@ def test_nxd_405b_command_on_tiny_model(tiny_with_tokenizer, tmp_path):
     bench = ["--benchmark", "--benchmark-iterations", "1", "--output-dir", str(tmp_path)]
     proc = _shardwise(_nxd_command(tiny_with_tokenizer, tmp_path / "compiled", 2, NXD_TUTORIAL_EXTRA + bench))
     _check_ran(proc)
-    for flag in ("--enable-bucketing", "--logical-neuron-cores", "--do-sample"):
+    for flag in ("--logical-neuron-cores", "--do-sample"):
         assert f"{flag}: accepted" in proc.stderr
     report = json.loads((tmp_path / "benchmark_report.json").read_text())
     assert report["sampling_bytes_per_step"] == 2 * 2 * 4  # greedy, batch 1: one float32 (value, id) per rank

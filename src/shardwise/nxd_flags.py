@@ -42,12 +42,6 @@ NXD_FLAGS: tuple[NxdFlag, ...] = (
             "no compiler here, so it changes nothing", nargs="1", value_type=int),
     NxdFlag("--logical-neuron-cores", "Neuron cores per logical core (LNC); ranks here are processes, so it changes "
             "nothing (threads per rank come from the machine or --partition-config)", nargs="1", value_type=int),
-    NxdFlag("--enable-bucketing", "NxD compiles one graph per bucket of sequence lengths; nothing is compiled here "
-            "and every length runs as it is, so it changes nothing"),
-    NxdFlag("--context-encoding-buckets", "prefill graph sizes for bucketing; nothing is compiled here, so they "
-            "change nothing", nargs="+", value_type=int),
-    NxdFlag("--token-generation-buckets", "decode graph sizes for bucketing; nothing is compiled here, so they "
-            "change nothing", nargs="+", value_type=int),
     NxdFlag("--do-sample", "sampling follows --top-k/--top-p/--temperature as in NxD (top-k 1 is greedy), so this "
             "flag changes nothing by itself"),
 )
