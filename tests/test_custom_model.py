@@ -225,3 +225,15 @@ def test_example_bert_tp_runs_the_guide_flow_on_minilm():
 def test_example_custom_plan_parallelizes_an_unmodified_model():
     out = _run_example("custom_plan.py", "--tp-degree", "2")  # the example's default is 3; 2 ranks on 2 cores here
     assert "TP 2, plan of 6 rules" in out and "matches HF transformers" in out
+
+
+def test_a_plan_file_is_read_and_saved_as_text(tmp_path):
+    import yaml
+
+    from shardwise.custom.proxy import _plan_json
+
+    path = tmp_path / "bert.yaml"
+    path.write_text(yaml.safe_dump(PLAN))
+    model = shardwise.apply_plan(get_tiny(), str(path), comm=SimpleNamespace(world_size=2, rank=1))
+    assert model.encoder.layer[1].output.dense.weight.shape == (48, 40)  # row-parallel: half of 80 inputs
+    assert yaml.safe_load(_plan_json(str(path))) == PLAN

@@ -38,10 +38,14 @@ _INPUT_TYPES = (torch.Tensor, int, float, bool, str, type(None))
 
 def _plan_json(plan) -> object:
     """A plan as saved in program.json: YAML text and dicts as given; a Plan as its rules and sections."""
-    if plan is None or isinstance(plan, (str, dict)):
-        return str(plan) if isinstance(plan, Path) else plan
+    if isinstance(plan, str) and "\n" not in plan and plan.endswith((".yaml", ".yml")):
+        plan = Path(plan)
     if isinstance(plan, Path):
-        return plan.read_text()
+        from ..untrusted import read_text
+
+        return read_text(plan, "sharding plan")  # the text is saved: the program must not depend on the file
+    if plan is None or isinstance(plan, (str, dict)):
+        return plan
     if isinstance(plan, Plan):
         def spec(s):
             return [list(e) if isinstance(e, tuple) else e for e in s]
