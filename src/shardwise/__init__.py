@@ -2,6 +2,7 @@
 
 from .config import ModelConfig, load_config
 from .conformance import model_layout
+from .custom import Buckets, ParallelModel, apply_plan, launch, load
 from .engine import Completion, Engine, EngineOptions
 from .errors import ShardwiseError
 from .generation import Sampling, generate
@@ -13,9 +14,9 @@ from .sharded_model import ShardedModel, load_sharded
 from .speculative import Speculation, SpeculationStats, speculative_generate
 
 __all__ = [
-    "Completion", "Engine", "EngineOptions", "Layout", "Mesh", "ModelConfig", "Plan", "RunOptions", "RunResult",
-    "Sampling", "ShardedModel", "Speculation", "SpeculationStats", "speculative_generate",
-    "ShardwiseError", "builtin_plan", "compute_layout", "generate", "load_config", "load_plan", "load_sharded",
-    "model_layout", "resolve_plan", "run",
+    "Buckets", "Completion", "Engine", "EngineOptions", "Layout", "Mesh", "ModelConfig", "ParallelModel", "Plan",
+    "RunOptions", "RunResult", "Sampling", "ShardedModel", "ShardwiseError", "Speculation", "SpeculationStats",
+    "apply_plan", "builtin_plan", "compute_layout", "generate", "launch", "load", "load_config", "load_plan",
+    "load_sharded", "model_layout", "resolve_plan", "run", "speculative_generate",
 ]
 __version__ = "0.1.0"

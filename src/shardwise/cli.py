@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--max-context-length", type=int, default=1024, help="longest prompt accepted, in tokens")
     _add(run, "--seq-len", type=int, default=2048, help="longest sequence (prompt + generated tokens)")
     _add(run, "--max-new-tokens", type=int, default=64, help="tokens to generate per prompt at most")
+    _add(run, "--enable-bucketing", action="store_true",
+         help="prefill and decode on a few static shapes: prompts padded to a context-encoding bucket, decode "
+              "attending over a token-generation bucket of KV slots (same tokens)")
+    _add(run, "--context-encoding-buckets", type=int, nargs="+", default=None, metavar="N",
+         help="prompt-length buckets (default with --enable-bucketing: powers of 2 from 128 to --max-context-length)")
+    _add(run, "--token-generation-buckets", type=int, nargs="+", default=None, metavar="N",
+         help="KV-cache-length buckets (default with --enable-bucketing: powers of 2 from 128 to --seq-len)")
     _add(run, "--top-k", type=int, default=1, help="sample from the k most likely tokens; 1 = greedy")
     _add(run, "--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     _add(run, "--temperature", type=float, default=1.0, help="sampling temperature")
@@ -286,6 +293,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         sequence_parallel=args.sequence_parallel_enabled, task_type=args.task_type, model_type=args.model_type,
         draft_model_path=args.draft_model_path, speculation_length=args.speculation_length,
         speculation_type=args.speculation_type, draft_model_tp_degree=args.draft_model_tp_degree,
+        enable_bucketing=args.enable_bucketing, context_encoding_buckets=args.context_encoding_buckets,
+        token_generation_buckets=args.token_generation_buckets,
         **nxd_options(args),
     )
     result = run(opts)

@@ -24,6 +24,9 @@ class KVCache:
 
     def __init__(self, num_layers: int, max_len: int):
         self.max_len = max_len
+        # Bucketed decode (decode_buckets.py): attend over this many slots even when fewer are written, so
+        # every step of a bucket has one static KV length; the caller masks the slots not written yet.
+        self.attend_to: int | None = None
         self.length = 0  # slots 0..length-1 hold keys and values that later queries may attend to
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
@@ -45,7 +48,8 @@ class KVCache:
         cv[:, :, start:end] = v
         if layer == len(self.k) - 1:  # the last layer has written: these slots are now whole
             self.length = end
-        return ck[:, :, :end], cv[:, :, :end]
+        view = max(end, min(self.attend_to or 0, self.max_len))
+        return ck[:, :, :view], cv[:, :, :view]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                start: int) -> torch.Tensor:

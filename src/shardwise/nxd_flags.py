@@ -4,8 +4,10 @@ NxD Inference's documented commands (e.g. the Llama-3.1-405B command of its weig
 carry flags that pick compiler kernels and graph shapes. A user should be able to paste such a command
 with only the paths and TP degree changed, so every such flag is accepted: those with a real
 counterpart here switch it on (fused projections, on-device sampling); the others are accepted and
-logged once, saying they change nothing on this device. One table drives the parser, the run options
-and docs/nxd_flags.md (a test checks the document lists every flag).
+logged once, saying they change nothing on this device. Bucketing (``--enable-bucketing`` and its
+bucket lists) is a real mechanism here (decode_buckets.py) and is parsed with the other run flags.
+One table drives the parser, the run options and docs/nxd_flags.md (a test checks the document lists
+every flag).
 """
 
 from __future__ import annotations
@@ -42,12 +44,6 @@ NXD_FLAGS: tuple[NxdFlag, ...] = (
             "no compiler here, so it changes nothing", nargs="1", value_type=int),
     NxdFlag("--logical-neuron-cores", "Neuron cores per logical core (LNC); ranks here are processes, so it changes "
             "nothing (threads per rank come from the machine or --partition-config)", nargs="1", value_type=int),
-    NxdFlag("--enable-bucketing", "NxD compiles one graph per bucket of sequence lengths; nothing is compiled here "
-            "and every length runs as it is, so it changes nothing"),
-    NxdFlag("--context-encoding-buckets", "prefill graph sizes for bucketing; nothing is compiled here, so they "
-            "change nothing", nargs="+", value_type=int),
-    NxdFlag("--token-generation-buckets", "decode graph sizes for bucketing; nothing is compiled here, so they "
-            "change nothing", nargs="+", value_type=int),
     NxdFlag("--do-sample", "sampling follows --top-k/--top-p/--temperature as in NxD (top-k 1 is greedy), so this "
             "flag changes nothing by itself"),
 )

@@ -80,6 +80,18 @@ class RunOptions:
     on_device_sampling: bool = False  # NxD's --on-device-sampling: reduce each vocabulary shard before gathering
     fused_qkv: bool = False  # NxD's --fused-qkv / --qkv-kernel-enabled: one q/k/v matmul per rank
     fused_gate_up: bool = False  # NxD's --mlp-kernel-enabled: one gate/up matmul per rank
+    enable_bucketing: bool = False  # NxD's --enable-bucketing: prefill and decode on static shapes (decode_buckets.py)
+    context_encoding_buckets: list[int] | None = None  # prompt lengths; default powers of 2 to max_context_length
+    token_generation_buckets: list[int] | None = None  # KV-cache lengths; default powers of 2 to seq_len
+
+    def decode_buckets(self):
+        """The decoder buckets these options ask for, or None without --enable-bucketing."""
+        if not self.enable_bucketing:
+            return None
+        from .decode_buckets import DecodeBuckets
+
+        return DecodeBuckets.resolve(self.context_encoding_buckets, self.token_generation_buckets,
+                                     self.max_context_length, self.seq_len)
 
 
 @dataclass
@@ -119,9 +131,11 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     draft = load_draft(opts, comm, device) if speculation and speculation.kind == "draft" else None
     spec_stats = None
 
+    buckets = opts.decode_buckets()
+
     def plain() -> list[Generated]:
         return [generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device,
-                         opts.on_device_sampling) for b in batches]
+                         buckets, opts.on_device_sampling) for b in batches]
 
     def run_all() -> list[Generated]:
         nonlocal spec_stats
@@ -140,7 +154,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     runs = 1
     if opts.benchmark:
         generate(sharded.module, batches[0], min(4, opts.max_new_tokens), pad_id, eos, sampling, comm,
-                 device=device, on_device_sampling=opts.on_device_sampling)  # warm-up: first-call allocations
+                 device=device, buckets=buckets, on_device_sampling=opts.on_device_sampling)  # warm-up
         runs = max(1, opts.benchmark_iterations)
     timings = [run_all() for _ in range(runs)]
     results = timings[-1]
@@ -332,6 +346,16 @@ def validate(opts: RunOptions):
     batches = [encoded[i:i + opts.batch_size] for i in range(0, len(encoded), opts.batch_size)]
     longest = max(len(p) for b in batches for p in b)
     opts = replace(opts, max_new_tokens=min(opts.max_new_tokens, opts.seq_len - longest))
+    if opts.context_encoding_buckets or opts.token_generation_buckets:
+        if not opts.enable_bucketing:
+            raise ShardwiseError("--context-encoding-buckets and --token-generation-buckets need --enable-bucketing")
+    buckets = opts.decode_buckets()
+    if buckets is not None:
+        room = min(buckets.room(max(len(p) for p in b)) for b in batches)
+        opts = replace(opts, max_new_tokens=min(opts.max_new_tokens, room))
+        if opts.max_new_tokens < 1:
+            raise ShardwiseError(f"the token-generation buckets (largest {buckets.kv[-1]}) leave no room to generate "
+                                 "after the prompt's context-encoding bucket")
     return opts, config, tokenizer, batches
 
 

@@ -42,6 +42,7 @@ class Collectives:
         self.group = group
         self.shm: shm.ShmCollectives | None = None
         self.check = devices.checking()  # read once: one attribute test per call when off
+        self.handle = _handle(self)  # how the compiled-graph ops find this object (see _all_reduce_op)
         if dist.is_available() and dist.is_initialized():
             self.world_size = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
@@ -67,7 +68,9 @@ class Collectives:
         return self.shm is not None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over ranks, in place."""
+        """Sum ``x`` over ranks, in place (under ``torch.compile``: into a new tensor, as an opaque op)."""
+        if self.world_size > 1 and torch.compiler.is_compiling():
+            return torch.ops.shardwise.all_reduce(x, self.handle)
         if self.world_size > 1:
             if self.check:
                 devices.check_collective("all_reduce", [x])
@@ -86,6 +89,8 @@ class Collectives:
         """Concatenate every rank's ``x`` along ``dim``, in rank order."""
         if self.world_size == 1:
             return x
+        if torch.compiler.is_compiling():
+            return torch.ops.shardwise.all_gather(x, self.handle, dim % x.dim(), self.world_size)
         if self.check:
             devices.check_collective("all_gather", [x])
             return devices.like(self._all_gather(devices.plain(x), dim), x)
@@ -168,3 +173,55 @@ class Collectives:
         if mine is None:
             raise ValueError(f"rank {dist.get_rank()} is in no part of {partition}")
         return Collectives(mine, **options)
+
+
+_DEFAULT: tuple[object, Collectives] | None = None
+
+
+def default_collectives() -> Collectives:
+    """One ``Collectives`` of the default process group per process, shared by every layer built without one.
+
+    Building one costs a collective (do all ranks share a machine?) and a shared-memory segment, so
+    model code that creates many ``shardwise.parallel`` layers itself (NxD's way) must not make one
+    per layer. It is rebuilt when the default group changes (destroyed and initialised again).
+    """
+    global _DEFAULT
+    group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    if _DEFAULT is None or _DEFAULT[0] is not group:
+        _DEFAULT = (group, Collectives())
+    return _DEFAULT[1]
+
+
+# Collectives as opaque custom ops under torch.compile: without them dynamo breaks the graph at every
+# collective (the shared-memory path is plain Python over a mapped file), so one forward would be
+# dozens of graphs. Eager calls never go through these; the ops find their Collectives by handle.
+_BY_HANDLE: dict[int, Collectives] = {}
+
+
+def _handle(comm: Collectives) -> int:
+    _BY_HANDLE[id(comm)] = comm
+    return id(comm)
+
+
+@torch.library.custom_op("shardwise::all_reduce", mutates_args=())
+def _all_reduce_op(x: torch.Tensor, handle: int) -> torch.Tensor:
+    y = x.clone()
+    _BY_HANDLE[handle]._all_reduce(y)
+    return y
+
+
+@_all_reduce_op.register_fake
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("shardwise::all_gather", mutates_args=())
+def _all_gather_op(x: torch.Tensor, handle: int, dim: int, world: int) -> torch.Tensor:
+    return _BY_HANDLE[handle]._all_gather(x, dim)
+
+
+@_all_gather_op.register_fake
+def _(x: torch.Tensor, handle: int, dim: int, world: int) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] *= world
+    return x.new_empty(shape)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comm import Collectives
+from .comm import Collectives, default_collectives
 
 
 def _even_local(size: int, world: int) -> int:
@@ -39,7 +39,7 @@ class ColumnParallelLinear(nn.Module):
         local_index: list[int] | None = None,
     ):
         super().__init__()
-        self.comm = comm or Collectives()
+        self.comm = comm or default_collectives()
         self.in_features, self.out_features = in_features, out_features
         local = local_out_features or _even_local(out_features, self.comm.world_size)
         if local_index is None:  # even split, padding at the end
@@ -84,7 +84,7 @@ class RowParallelLinear(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.comm = comm or Collectives()
+        self.comm = comm or default_collectives()
         self.in_features, self.out_features = in_features, out_features
         self.local_in = local_in_features or _even_local(in_features, self.comm.world_size)
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in, dtype=dtype, device=device))
@@ -118,7 +118,7 @@ class ParallelEmbedding(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.comm = comm or Collectives()
+        self.comm = comm or default_collectives()
         self.num_embeddings, self.embedding_dim, self.shard_dim = num_embeddings, embedding_dim, shard_dim
         world = self.comm.world_size
         if shard_dim == 0:
