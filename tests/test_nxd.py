@@ -43,10 +43,10 @@ NXD_405B_COMMAND = [
     "--pad-token-id", "2",
     "--prompt", "What is annapurna labs?",
 ]
-# The Llama3.1 405B tutorial's compile command adds these (bucketing, sampling switch, LNC); the buckets
-# are the tutorial's sizes scaled to this command's --seq-len 2048.
-NXD_TUTORIAL_EXTRA = ["--do-sample", "--logical-neuron-cores", "2", "--enable-bucketing",
-                      "--context-encoding-buckets", "2048", "--token-generation-buckets", "2048"]
+# The Llama3.1 405B tutorial's compile command adds these (sampling switch, LNC). Its bucketing flags need
+# a --max-context-length below --seq-len (12288 and 12800 there), which this command's 2048/2048 is not;
+# bucketing is tested with decode_buckets.py.
+NXD_TUTORIAL_EXTRA = ["--do-sample", "--logical-neuron-cores", "2"]
 
 
 def _nxd_command(model: Path, compiled: Path, tp: int, extra: list[str] = ()) -> list[str]:
@@ -93,7 +93,6 @@ def test_nxd_405b_command_on_tiny_model(tiny_with_tokenizer, tmp_path):
     _check_ran(proc)
     for flag in ("--logical-neuron-cores", "--do-sample"):
         assert f"{flag}: accepted" in proc.stderr
-    assert "--enable-bucketing: accepted" not in proc.stderr  # bucketing is real here (decode_buckets.py)
     report = json.loads((tmp_path / "benchmark_report.json").read_text())
     assert report["sampling_bytes_per_step"] == 2 * 2 * 4  # greedy, batch 1: one float32 (value, id) per rank
     assert report["options"]["on_device_sampling"] and report["options"]["fused_gate_up"]
