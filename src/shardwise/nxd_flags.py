@@ -4,8 +4,10 @@ NxD Inference's documented commands (e.g. the Llama-3.1-405B command of its weig
 carry flags that pick compiler kernels and graph shapes. A user should be able to paste such a command
 with only the paths and TP degree changed, so every such flag is accepted: those with a real
 counterpart here switch it on (fused projections, on-device sampling); the others are accepted and
-logged once, saying they change nothing on this device. One table drives the parser, the run options
-and docs/nxd_flags.md (a test checks the document lists every flag).
+logged once, saying they change nothing on this device. Bucketing (``--enable-bucketing`` and its
+bucket lists) is a real mechanism here (decode_buckets.py) and is parsed with the other run flags.
+One table drives the parser, the run options and docs/nxd_flags.md (a test checks the document lists
+every flag).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -25,7 +26,7 @@ from .generation import Generated, Sampling, generate
 from .mesh import Mesh
 from .parallel import devices as dev
 from .parallel.comm import Collectives
-from .parallel.launch import default_backend, launch, threads_per_rank
+from .parallel.launch import default_backend, launch, threads_per_rank, under_torchrun
 from .parallelize import check_runtime
 from .plan import TENSOR_AXIS, Plan, resolve_plan
 from .sharded_model import ShardedModel, load_sharded
@@ -415,7 +416,10 @@ def run(opts: RunOptions) -> RunResult:
                  stats.seconds, stats.ranks_skipped or "none")
     devices = topology.devices if topology else None
     reference = None
-    if opts.check_accuracy_mode != "skip-accuracy-check":
+    # Under torchrun every rank runs this; only rank 0 compares, but logit matching feeds HF's tokens to all.
+    compares = not under_torchrun() or int(os.environ.get("RANK", "0")) == 0
+    if opts.check_accuracy_mode == "logit-matching" or (opts.check_accuracy_mode != "skip-accuracy-check"
+                                                        and compares):
         from .accuracy import hf_reference
 
         if not Sampling(opts.top_k, opts.top_p, opts.temperature).greedy:
