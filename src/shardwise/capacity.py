@@ -271,6 +271,7 @@ def estimate_capacity(
     overrides: list[str] | None = None,
     links: Links = Links(),
     sequence_parallel: bool = False,
+    mesh: str | None = None,
 ) -> CapacityReport:
     """Plan ``model_path`` (a checkpoint directory or a ``config.json``) without reading a weight."""
     if batch_size < 1 or seq_len < 1:
@@ -279,7 +280,7 @@ def estimate_capacity(
     config = load_config(path)
     dtype_name = weight_dtype(torch_dtype, config)
     itemsize = dtype_itemsize(dtype_name)
-    plan = resolve_plan(config.family, sharding_config, overrides, sequence_parallel)
+    plan = resolve_plan(config.family, sharding_config, overrides, sequence_parallel, mesh)
     link, device_ids = P2P, None
     if partition_config is not None:
         # Planning needs no such machine: the partition's devices are not checked against this one.

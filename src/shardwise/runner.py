@@ -62,6 +62,7 @@ class RunOptions:
     partition_config: str | None = None  # device partition config JSON (see topology.py)
     partition: str | None = None  # which partition of it, when it has several
     sequence_parallel: bool = False  # NxD's --sequence-parallel-enabled: the family's sequence-parallel rules
+    mesh: str | None = None  # --mesh fsdp=2,tensor=2: the plan's mesh (torchprime's ici_mesh overrides)
     compiled_model_path: str | None = None
     save_sharded_checkpoint: bool = False
     skip_sharding: bool = False
@@ -154,8 +155,8 @@ def run_plan(opts: RunOptions, config) -> Plan:
     if opts.skip_sharding and not (opts.sharding_config or opts.overrides or opts.sequence_parallel):
         from .presharded import presharded_plan
 
-        return presharded_plan(opts.compiled_model_path)
-    return resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel)
+        return presharded_plan(opts.compiled_model_path).with_mesh(opts.mesh)
+    return resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel, opts.mesh)
 
 
 def resolve_ranks(opts: RunOptions, config) -> tuple[Plan, Mesh, Topology | None]:
