@@ -256,7 +256,6 @@ def compute_layout(
         if t.source != name and t.shards != src.shards:
             raise ShardwiseError(f"{name} is tied to {t.source} (tie_word_embeddings), so both must be split the same "
                                  f"way; the plan gives {_show(t.spec)} and {_show(src.spec)}")
-    _check_groups(plan, layouts)
     activations = _activations(plan, layouts, mesh)
     sequence = _sequence_parallel(plan, module_names(list(layouts)), mesh)
     uncovered = tuple(n for n in layouts if not plan.covers(n))
@@ -274,47 +273,12 @@ def _show(spec: Spec) -> str:
 
 def _check_split(name: str, rule: Rule | None, spec: Spec, shape: tuple[int, ...], units, plan: Plan,
                  mesh: Mesh) -> None:
-    """Refuse splits the model cannot consume, and uneven splits that padding would make inexact."""
-    kinds = plan.splits_for(name)
-    what = f"{name} (rule {rule.pattern!r})" if rule else name
-    for d, entry in enumerate(spec):
-        if entry is None:
-            continue
-        axes = spec_axes(entry)
-        kind = kinds[d] if d < len(kinds) else None
-        if TENSOR_AXIS in axes and kind is None:
-            ok = [str(i) for i, k in enumerate(kinds) if k is not None]
-            why = (f"it can be split over 'tensor' along dimension {', '.join(ok)} only" if ok else
-                   "every tensor-parallel rank reads it whole; split it over a storage axis such as fsdp, "
-                   "or not at all")
-            raise ShardwiseError(f"{what}: the model cannot consume dimension {d} split over 'tensor': {why}")
-        parts = math.prod(mesh.size(a) for a in axes)
-        unit = units[d] if d < len(units) else None
-        if shape[d] % parts and kind != "pad" and unit is None:
-            raise ShardwiseError(f"{what}: dimension {d} ({shape[d]}) does not divide into {parts} parts over "
-                                 f"{' x '.join(axes)}, and padding it would not be exact ({PAD_EXACT})")
+    """Refuse what is meaningless for storage: nothing, today.
 
-
-def _check_groups(plan: Plan, layouts: dict[str, TensorLayout]) -> None:
-    """Tensors of one group instance (one layer's attention, say) use `tensor` alike, or none of them does."""
-    compiled = [[Rule(p, ()).regex for p in group] for group in plan.groups]
-    seen: dict[tuple[int, tuple[str, ...]], tuple[str, object]] = {}
-    for name, t in layouts.items():
-        for g, regexes in enumerate(compiled):
-            if not any(rx.match(name) for rx in regexes):
-                continue
-            usage = next((spec_axes(e) for e in t.spec if TENSOR_AXIS in spec_axes(e)), None)
-            key = (g, tuple(re.findall(r"\.(\d+)(?=\.|\Z)", name)))
-            if key not in seen:
-                seen[key] = (name, usage)
-                continue
-            other, other_usage = seen[key]
-            if usage != other_usage:
-                def how(u):
-                    return "not split over 'tensor'" if u is None else f"split over {' x '.join(u)}"
-                raise ShardwiseError(
-                    f"{other} is {how(other_usage)} but {name} is {how(usage)}: they must be split over 'tensor' "
-                    "together or not at all (a row-parallel projection consumes its partners' split output)")
+    Any dimension may be stored split over any axis (GSPMD semantics): an uneven split is padded (the
+    pieces are placed by source index when gathered, so padding never reaches a result), and a split
+    the parallel layers cannot compute with is redistributed at run time (``redistribute.py``).
+    """
 
 
 def _activations(plan: Plan, layouts: dict[str, TensorLayout], mesh: Mesh) -> dict[str, Spec]:

@@ -47,18 +47,9 @@ def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, 
 def check_runtime(layout: Layout) -> None:
     """Refuse layouts the layout language allows but this runtime cannot run.
 
-    Storage axes (fsdp) are run by gathering weights along them (``parallel/fsdp.py``), which needs
-    each dimension split over `tensor` or over storage axes, not both; and module outputs cannot be
-    split over a storage axis (generation keeps every rank's batch whole).
+    Every weight spec runs (``redistribute.py``); module outputs cannot be split over a storage axis
+    (generation keeps every rank's batch whole).
     """
-    for t in layout.tensors.values():
-        for d, entry in enumerate(t.spec):
-            axes = spec_axes(entry)
-            if TENSOR_AXIS in axes and len(axes) > 1:
-                raise ShardwiseError(
-                    f"{t.name}: dimension {d} is split over {' x '.join(axes)}; `shardwise run` needs each dimension "
-                    "split over 'tensor' or over storage axes such as fsdp, not both (e.g. [tensor, fsdp]); "
-                    "`shardwise plan` accepts it")
     for pattern, spec in layout.activations.items():
         storage = [a for e in spec for a in spec_axes(e) if a != TENSOR_AXIS and layout.mesh.size(a) > 1]
         if storage:
