@@ -20,9 +20,10 @@ from .dtypes import WEIGHT_DTYPES, canonical, safetensors_code, weight_dtype
 from .dtypes import itemsize as dtype_itemsize
 from .errors import ShardwiseError
 from .families import family, state_dict_shapes
-from .layout import Layout, compute_layout
+from .layout import Layout, _show, compute_layout
 from .mesh import Mesh
 from .plan import TENSOR_AXIS, generic_name, resolve_plan, spec_axes
+from .redistribute import WORLD_GROUP, Redistribution, redistribution
 from .topology import HOST, P2P, load_partition_config, ring_link
 
 # Assumed link figures for the collective-time estimate (override with --p2p-gbps etc.). They are
@@ -68,6 +69,7 @@ class Collective:
     bytes: int
     what: str
     group: int
+    extra: bool = False  # communication the fast plan (tensor parallelism, fsdp storage) would not do
 
     @property
     def steps(self) -> int:
@@ -127,6 +129,11 @@ class CapacityReport:
     def sent_per_rank(self) -> float:
         return sum(c.count * c.sent_per_rank() for c in self.collectives)
 
+    @property
+    def extra(self) -> list[Collective]:
+        """Collectives the plan costs beyond the fast plan (weights stored split the layers do not compute with)."""
+        return [c for c in self.collectives if c.extra]
+
     def to_dict(self) -> dict:
         return {
             "model": self.model, "shapes_from": self.shapes_from,
@@ -137,6 +144,8 @@ class CapacityReport:
             "per_token": {
                 "collectives": [asdict(c) for c in self.collectives],
                 "bytes_sent_per_rank": round(self.sent_per_rank),
+                "extra_collectives": [asdict(c) for c in self.extra],
+                "extra_bytes_sent_per_rank": round(sum(c.count * c.sent_per_rank() for c in self.extra)),
                 "seconds_p2p": self.comm_seconds(P2P), "seconds_host": self.comm_seconds(HOST),
                 "link": self.link,
             },
@@ -164,7 +173,13 @@ class CapacityReport:
         if not self.collectives:
             lines.append("  none")
         for c in self.collectives:
-            lines.append(f"  {c.kind:<10} {c.count:>4} x {_size(c.bytes):>10} over {c.group:>3} ranks  {c.what}")
+            lines.append(f"  {c.kind:<10} {c.count:>4} x {_size(c.bytes):>10} over {c.group:>3} ranks  {c.what}"
+                         + ("   <- extra" if c.extra else ""))
+        if self.extra:
+            extra = sum(c.count * c.sent_per_rank() for c in self.extra)
+            lines.append(f"  extra (not in the fast plan; the plan stores these weights split in ways the parallel "
+                         f"layers do not compute with): {sum(c.count for c in self.extra)} all-gather(s), "
+                         f"{_size(extra)} sent per rank per token")
         if self.collectives:
             lk = self.links
             lines += [
@@ -295,7 +310,9 @@ def estimate_capacity(
         raise ShardwiseError(f"the 'tensor' axis ({mesh.size(TENSOR_AXIS)}) exceeds the model's {config.num_heads} "
                              "attention heads")
     shapes, shapes_from = _shapes(path, config)
-    layout = compute_layout(shapes, config, plan, mesh)
+    # What each rank holds (the plan's storage) and what the parallel layers compute with (redistribute.py).
+    red = redistribution(compute_layout(shapes, config, plan, mesh), config, plan)
+    layout = red.compute
     n = mesh.world_size
     cuda = device.startswith("cuda")
     if device_memory_gib is not None:
@@ -314,14 +331,14 @@ def estimate_capacity(
     batch = _local_batch(layout, batch_size, fam.role("layer"))
     ranks = []
     for r in range(n):
-        params = layout.rank_bytes(r, itemsize)
+        params = red.storage.rank_bytes(r, itemsize)
         kv_rows = sum(_rows(layout, fam.role(p, i), r) for i in range(config.num_layers) for p in ("k", "v"))
         kv = batch * seq_len * kv_rows * itemsize
-        ranks.append(RankCapacity(r, devices[r], params, kv, _activation_bytes(layout, config, r, batch, seq_len,
+        ranks.append(RankCapacity(r, devices[r], params, kv, _activation_bytes(red, config, r, batch, seq_len,
                                                                             itemsize), memory[r]))
-    uncovered = sorted({generic_name(u) for u in layout.uncovered})
+    uncovered = sorted({generic_name(u) for u in red.storage.uncovered})
     return CapacityReport(str(model_path), shapes_from, mesh, dtype_name, batch_size, seq_len, memory_source, ranks,
-                      _collectives(layout, config, batch, itemsize), link, links, uncovered)
+                      _collectives(red, config, batch, itemsize), link, links, uncovered)
 
 
 def _local_batch(layout: Layout, batch: int, layer: str) -> int:
@@ -335,8 +352,10 @@ def _local_batch(layout: Layout, batch: int, layer: str) -> int:
     return batch
 
 
-def _activation_bytes(layout: Layout, config: ModelConfig, rank: int, batch: int, seq: int, itemsize: int) -> int:
+def _activation_bytes(red: Redistribution, config: ModelConfig, rank: int, batch: int, seq: int,
+                      itemsize: int) -> int:
     """Peak transient bytes of a prefill of ``batch x seq`` tokens; see ACTIVATION_NOTE."""
+    layout = red.compute
     tokens = batch * seq
     fam = family(config.family)
     p = fam.role("layer") + "."
@@ -346,37 +365,42 @@ def _activation_bytes(layout: Layout, config: ModelConfig, rank: int, batch: int
     hidden_states = tokens * itemsize * (4 * config.hidden_size + q + 2 * kv + 3 * inter)
     scores = batch * heads * seq * seq * itemsize + batch * seq * seq  # scores + boolean mask
     logits = batch * 4 * (vocab_local + config.vocab_size)
-    gathered = 0  # one decoder layer's weights, all-gathered over storage axes (fsdp) while it runs
-    for name, t in layout.tensors.items():
-        storage = [a for e in t.spec for a in spec_axes(e) if a != TENSOR_AXIS]
-        if name.startswith(p) and storage:
-            local = math.prod(t.shards[rank].local_shape)
-            gathered += local * (math.prod(layout.mesh.size(a) for a in storage) - 1) * itemsize
+    gathered = 0  # one decoder layer's weights, all-gathered (fsdp storage, redistribution) while it runs
+    for m in red.gathers():
+        if m.name.startswith(p):
+            held = math.prod(red.storage.tensors[m.name].shards[rank].local_shape)
+            gathered += (m.gathered_elements(red.storage) - held) * itemsize
     return hidden_states + scores + logits + gathered
 
 
-def _collectives(layout: Layout, config: ModelConfig, batch: int, itemsize: int) -> list[Collective]:
-    """The collectives one decode step runs, from which layers the layout makes parallel.
+def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize: int) -> list[Collective]:
+    """The collectives one decode step runs, from which layers the compute layout makes parallel.
 
     Over ``tensor``: a sum per row-parallel linear and vocabulary-split embedding, a gather per gathered
-    column-parallel output (lm_head). Over storage axes (fsdp): an all-gather of every weight stored
-    split, each step (weights are gathered when used and dropped after).
+    column-parallel output (lm_head). Over storage axes (fsdp), or every rank: an all-gather of every
+    weight stored split otherwise than the layers compute with, each step (weights are gathered when
+    used and dropped after); those the fast plan would not do are marked extra.
     """
+    layout = red.compute
     mesh = layout.mesh
     tp = mesh.size(TENSOR_AXIS) if TENSOR_AXIS in mesh.axis_names else 1
     token = batch * itemsize  # bytes per feature for one decode step's batch
-    counts: dict[tuple[str, int, str, int], int] = {}
+    counts: dict[tuple[str, int, str, int, bool], int] = {}
 
-    def add(kind: str, nbytes: int, what: str, group: int = tp) -> None:
-        key = (kind, nbytes, what, group)
+    def add(kind: str, nbytes: int, what: str, group: int = tp, extra: bool = False) -> None:
+        key = (kind, nbytes, what, group, extra)
         counts[key] = counts.get(key, 0) + 1
 
+    for m in red.gathers():
+        gathered = m.gathered_elements(red.storage) * itemsize
+        stored = [a for e in m.stored for a in spec_axes(e) if a != TENSOR_AXIS]
+        if m.extra:
+            what = (f"{generic_name(m.name)}: stored {_show(m.stored)}, computed as {_show(m.compute)} "
+                    f"(gathered over {'every rank' if m.group == WORLD_GROUP else 'the storage group'})")
+        else:
+            what = f"{generic_name(m.name)}: weight stored split over {'x'.join(stored)}"
+        add("all-gather", gathered, what, m.group_size, m.extra)
     for name, t in layout.tensors.items():
-        storage = [a for e in t.spec for a in spec_axes(e) if a != TENSOR_AXIS]
-        if storage and t.source == name:
-            group = math.prod(mesh.size(a) for a in storage)
-            gathered = math.prod(t.shards[0].local_shape) * group * itemsize
-            add("all-gather", gathered, f"{generic_name(name)}: weight stored split over {'x'.join(storage)}", group)
         if not name.endswith(".weight") or len(t.shape) != 2 or tp == 1:
             continue
         module = name[: -len(".weight")]
@@ -399,7 +423,8 @@ def _collectives(layout: Layout, config: ModelConfig, batch: int, itemsize: int)
                                                                              "gathered")):
         for m in names:
             add("all-gather", token * config.hidden_size * tp, f"{generic_name(m)}: {what}")
-    return [Collective(kind, count, nbytes, what, group) for (kind, nbytes, what, group), count in counts.items()]
+    return [Collective(kind, count, nbytes, what, group, extra)
+            for (kind, nbytes, what, group, extra), count in counts.items()]
 
 
 def _gathers(layout: Layout, module: str) -> bool:
