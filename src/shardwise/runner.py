@@ -86,6 +86,7 @@ class RunResult:
     report_path: str | None = None
     task: str = "causal-lm"
     outputs: object = None  # encoder tasks: encoders.EncoderOutput (embeddings, class scores, mask predictions)
+    partitions: dict[str, RunResult] = field(default_factory=dict)  # several partitions: each one's job
 
 
 def _setup_logging() -> None:
@@ -201,7 +202,9 @@ def validate(opts: RunOptions):
     config = load_config(opts.model_path)
     from .checkpoint import CheckpointSource
 
-    plan, mesh, _ = resolve_ranks(opts, config)
+    plan, mesh, topology = resolve_ranks(opts, config)
+    if topology is not None and topology.capped:
+        log.info("Cores: %s", topology.capped)
     if not opts.skip_sharding:
         source = CheckpointSource(opts.model_path)  # raises if no weights
         # The whole layout, from headers alone: plan errors surface here, before any rank starts.
@@ -239,8 +242,23 @@ def validate(opts: RunOptions):
 
 
 def run(opts: RunOptions) -> RunResult:
-    """Run the whole job; the Python equivalent of ``shardwise run``."""
+    """Run the whole job; the Python equivalent of ``shardwise run``.
+
+    A partition config with several partitions and no ``partition`` chosen runs one job per partition,
+    one after the other (the SDK's multi-partition configs: each partition its own network); the result
+    is the first job's, with every job's in ``partitions``.
+    """
     _setup_logging()
+    if opts.partition_config and opts.partition is None:
+        names = [p.name for p in load_partition_config(opts.partition_config).partitions]
+        if len(names) > 1:
+            results: dict[str, RunResult] = {}
+            for i, name in enumerate(names):
+                log.info("Partition %r: job %d of %d", name, i + 1, len(names))
+                results[name] = run(replace(opts, partition=name))
+            first = results[names[0]]
+            first.partitions = results
+            return first
     opts, config, tokenizer, batches = validate(opts)
     task = resolve_task(config, opts.task_type, opts.model_type)
     if task != CAUSAL_LM:
