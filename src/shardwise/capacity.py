@@ -73,6 +73,8 @@ class Collective:
 
     @property
     def steps(self) -> int:
+        """Ring steps: an all-reduce is a reduce-scatter then an all-gather; the others one pass (a broadcast
+        pipelined along the ring)."""
         return 2 * (self.group - 1) if self.kind == "all-reduce" else self.group - 1
 
     def sent_per_rank(self) -> float:
@@ -400,6 +402,8 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
         else:
             what = f"{generic_name(m.name)}: weight stored split over {'x'.join(stored)}"
         add("all-gather", gathered, what, m.group_size, m.extra)
+    scatter, gather_out, gather_in = layout.sequence_boundaries()
+    by_sequence = set(scatter)
     for name, t in layout.tensors.items():
         if not name.endswith(".weight") or len(t.shape) != 2 or tp == 1:
             continue
@@ -408,7 +412,9 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
         if not split:
             continue
         short = generic_name(module)
-        if module == family(config.family).role("embedding"):
+        if module in by_sequence and (split == [1] or module == family(config.family).role("embedding")):
+            add("reduce-scatter", token * config.hidden_size, f"{short}: partial sums reduce-scattered by sequence")
+        elif module == family(config.family).role("embedding"):
             if split == [0]:
                 add("all-reduce", token * t.shape[1], f"{short}: vocabulary-parallel lookup, summed")
             else:
@@ -417,12 +423,11 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
             add("all-reduce", token * t.shape[0], f"{short}: row-parallel output, summed")
         elif module == layout.output or _gathers(layout, module):
             add("all-gather", token * t.shards[0].local_shape[0] * tp, f"{short}: column-parallel output, gathered")
-    # Sequence parallelism: a decode step's one token sits on one rank; gathers pad each rank's share to it.
-    _, gather_out, gather_in = layout.sequence_boundaries()
+    # Sequence parallelism: a decode step's one token sits on rank 0, so each gather is a broadcast of it.
     for names, what in ((gather_out, "sequence-parallel output, gathered"), (gather_in, "sequence-parallel input, "
                                                                              "gathered")):
         for m in names:
-            add("all-gather", token * config.hidden_size * tp, f"{generic_name(m)}: {what}")
+            add("broadcast", token * config.hidden_size, f"{generic_name(m)}: {what} (the decode token, from rank 0)")
     return [Collective(kind, count, nbytes, what, group, extra)
             for (kind, nbytes, what, group, extra), count in counts.items()]
 

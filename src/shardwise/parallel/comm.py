@@ -36,6 +36,9 @@ class Collectives:
     def __init__(self, group: dist.ProcessGroup | None = None, fast: bool | None = None, **shm_options):
         self.group = group
         self.shm: shm.ShmCollectives | None = None
+        # Bytes this rank sent, per collective, in the ring model the planner uses (all-reduce 2(N-1)/N of
+        # the tensor; reduce-scatter, all-gather and broadcast (N-1)/N): what the run measured.
+        self.sent: dict[str, float] = {}
         if dist.is_available() and dist.is_initialized():
             self.world_size = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
@@ -57,9 +60,14 @@ class Collectives:
         """Whether CPU tensors go through shared memory."""
         return self.shm is not None
 
+    def _count(self, kind: str, nbytes: int, factor: float) -> None:
+        n = self.world_size
+        self.sent[kind] = self.sent.get(kind, 0.0) + factor * (n - 1) / n * nbytes
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over ranks, in place."""
         if self.world_size > 1:
+            self._count("all-reduce", x.numel() * x.element_size(), 2)
             if self.shm is not None and x.device.type == "cpu" and x.dtype in shm.REDUCIBLE:
                 return self.shm.all_reduce(x)
             dist.all_reduce(x, group=self.group)
@@ -69,6 +77,7 @@ class Collectives:
         """Concatenate every rank's ``x`` along ``dim``, in rank order."""
         if self.world_size == 1:
             return x
+        self._count("all-gather", x.numel() * x.element_size() * self.world_size, 1)
         if self.shm is not None and x.device.type == "cpu":
             return self.shm.all_gather(x, dim)
         x = x.contiguous()
@@ -77,11 +86,39 @@ class Collectives:
         return torch.cat(parts, dim=dim)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``x`` (``src`` counted within this group) into every rank's ``x``."""
         if self.world_size > 1:
+            self._count("broadcast", x.numel() * x.element_size(), 1)
             if self.shm is not None and x.device.type == "cpu":
                 return self.shm.broadcast(x, src)
-            dist.broadcast(x, src=src, group=self.group)
+            root = dist.get_global_rank(self.group, src) if self.group is not None else src
+            dist.broadcast(x, src=root, group=self.group)
         return x
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
+        """The sum over ranks of ``x``'s rows ``[start, end)`` along ``dim``; each rank passes its own bounds.
+
+        Partial -> Shard: half an all-reduce's traffic (an all-gather later completes it). Shared memory
+        and NCCL do it directly (bit-identical to the all-reduce's rows); gloo has no reduce-scatter, so
+        there it is an all-reduce and a slice (and counted as the all-reduce it is).
+        """
+        if self.world_size == 1:
+            return x.narrow(dim, start, end - start)
+        nbytes = x.numel() * x.element_size()
+        if self.shm is not None and x.device.type == "cpu" and x.dtype in shm.REDUCIBLE:
+            self._count("reduce-scatter", nbytes, 1)
+            return self.shm.reduce_scatter(x, dim, start, end)
+        length, n = x.shape[dim], self.world_size
+        chunk = -(-length // n)
+        if "nccl" in str(dist.get_backend(self.group)).lower() and start == min(self.rank * chunk, length):
+            self._count("reduce-scatter", nbytes, 1)
+            rows = x.movedim(dim, 0)
+            if chunk * n != length:
+                rows = torch.cat([rows, rows.new_zeros(chunk * n - length, *rows.shape[1:])])
+            out = rows.new_empty(chunk, *rows.shape[1:])
+            dist.reduce_scatter_tensor(out, rows.contiguous(), group=self.group)
+            return out[: end - start].movedim(0, dim).contiguous()
+        return self.all_reduce(x).narrow(dim, start, end - start).contiguous()
 
     def barrier(self) -> None:
         if self.world_size > 1:  # not on a hot path: gloo's barrier (no busy waiting while ranks load)
