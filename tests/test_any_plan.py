@@ -30,6 +30,9 @@ model.layers.*.mlp.down_proj.weight: [tensor, null]
 model.layers.*.input_layernorm.weight: [tensor]
 model.norm.weight: [tensor]
 lm_head.weight: [null, tensor]
+model.layers.*.mlp: [null, null, tensor]
+model.layers.*[0]: [null, null, tensor]
+lm_head: [null, null, tensor]
 """,
     # torchprime's 2-D FSDP x TP Llama layout, flat form.
     "torchprime_fsdp_tp": """
@@ -45,6 +48,9 @@ model.layers.*.input_layernorm.weight: [fsdp]
 model.layers.*.post_attention_layernorm.weight: [fsdp]
 model.norm.weight: [fsdp]
 lm_head.weight: [tensor, fsdp]
+model.layers.*: [fsdp, null, null]
+model.layers.*.self_attn.o_proj: [fsdp, null, tensor]
+lm_head: [fsdp, null, null]
 """,
     # The issue's FSDP Qwen-style file at a mesh with tensor > 1 (refused before: "cannot consume dimension 1").
     "torchprime_fsdp_qwen": """

@@ -133,7 +133,8 @@ class CapacityReport:
 
     @property
     def extra(self) -> list[Collective]:
-        """Collectives the plan costs beyond the fast plan (weights stored split the layers do not compute with)."""
+        """Collectives the plan costs beyond the fast plan (weights stored split otherwise than the layers compute
+        with, activation rules placing outputs otherwise than the layers produce them)."""
         return [c for c in self.collectives if c.extra]
 
     def to_dict(self) -> dict:
@@ -179,9 +180,9 @@ class CapacityReport:
                          + ("   <- extra" if c.extra else ""))
         if self.extra:
             extra = sum(c.count * c.sent_per_rank() for c in self.extra)
-            lines.append(f"  extra (not in the fast plan; the plan stores these weights split in ways the parallel "
-                         f"layers do not compute with): {sum(c.count for c in self.extra)} all-gather(s), "
-                         f"{_size(extra)} sent per rank per token")
+            lines.append(f"  extra (not in the fast plan: weights stored otherwise than the parallel layers compute "
+                         f"with, outputs placed otherwise than they are produced): {sum(c.count for c in self.extra)} "
+                         f"all-gather(s), {_size(extra)} sent per rank per token")
         if self.collectives:
             lk = self.links
             lines += [
@@ -344,13 +345,9 @@ def estimate_capacity(
 
 
 def _local_batch(layout: Layout, batch: int, layer: str) -> int:
-    """The batch one rank carries: split if the plan splits decoder-layer outputs' batch dimension."""
-    from .plan import Rule
-
-    for pattern, spec in layout.activations.items():
-        rule = Rule(pattern, spec)
-        if spec and spec[0] is not None and Rule(rule.module, ()).regex.match(layer):
-            return -(-batch // math.prod(layout.mesh.size(a) for a in spec_axes(spec[0])))
+    """The batch one rank carries: the whole batch. A rule splitting decoder-layer outputs' batch over fsdp
+    places them split at the boundary (an extra all-gather, listed), but every replica still generates
+    the whole batch."""
     return batch
 
 
@@ -423,6 +420,22 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
             add("all-reduce", token * t.shape[0], f"{short}: row-parallel output, summed")
         elif module == layout.output or _gathers(layout, module):
             add("all-gather", token * t.shards[0].local_shape[0] * tp, f"{short}: column-parallel output, gathered")
+    # Activation rules placed at module boundaries (parallel/activations.py): sliced, then gathered back.
+    from .parallel.activations import placed_rules
+    from .parallelize import native_outputs
+
+    for spec, index, module in placed_rules(layout, native_outputs(layout, family(config.family).role("embedding"))):
+        weight = layout.tensors.get(f"{module}.weight")
+        features = weight.shape[0] if weight is not None and len(weight.shape) == 2 and module != family(
+            config.family).role("embedding") else config.hidden_size
+        if module == layout.output:
+            features = config.vocab_size
+        for entry in spec:
+            axes = [a for a in spec_axes(entry) if mesh.size(a) > 1]
+            if axes:
+                shown = f"{generic_name(module)}{'' if index is None else f'[{index}]'}"
+                add("all-gather", token * features, f"{shown}: output placed as {_show(spec)}, gathered back for the "
+                    "next module", math.prod(mesh.size(a) for a in axes), True)
     # Sequence parallelism: a decode step's one token sits on rank 0, so each gather is a broadcast of it.
     for names, what in ((gather_out, "sequence-parallel output, gathered"), (gather_in, "sequence-parallel input, "
                                                                              "gathered")):

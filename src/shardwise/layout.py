@@ -282,11 +282,12 @@ def _check_split(name: str, rule: Rule | None, spec: Spec, shape: tuple[int, ...
 
 
 def _activations(plan: Plan, layouts: dict[str, TensorLayout], mesh: Mesh) -> dict[str, Spec]:
-    """Module-output rules, checked: real axes, not longer than an output, and producible by the runtime.
+    """Module-output rules, checked: real axes, not longer than an output, and meaningful for the runtime.
 
-    Under tensor parallelism only a column-parallel module's output can stay split (over `tensor`, last
-    dimension); every other module's output is whole on every rank, and the family's output module
-    (lm_head) is always gathered because generation reads whole logits.
+    Any placement of an output the runtime computes whole is applied at the module boundary
+    (``parallel/activations.py``: sliced, then gathered back for the next module). A column-parallel
+    output kept split over `tensor` (by features) may keep that split or be gathered, and be placed
+    over other axes; splitting it over `tensor` another way is refused.
     """
     modules = module_names(list(layouts))
     stream = set(_stream_modules(plan.sequence, modules)) if plan.sequence else set()
@@ -309,16 +310,21 @@ def _activations(plan: Plan, layouts: dict[str, TensorLayout], mesh: Mesh) -> di
                 if m in stream and d == plan.sequence.dim and rule.output_index is None:
                     continue  # sequence parallelism; checked as a whole in _sequence_parallel
                 weight = layouts.get(f"{m}.weight")
-                column = weight is not None and TENSOR_AXIS in spec_axes(weight.spec[0])
-                if m == plan.output:
-                    raise ShardwiseError(f"{what}: generation reads the whole output of {m} on every rank; "
-                                         "it cannot stay split over 'tensor'")
-                if not column or d != plan.activation_rank - 1 or rule.output_index is not None:
+                column = (weight is not None and len(weight.spec) == 2 and TENSOR_AXIS in spec_axes(weight.spec[0])
+                          and m != plan.output)
+                if column and d != plan.activation_rank - 1 and not _gathered(plan, m):
                     raise ShardwiseError(
-                        f"{what}: under tensor parallelism the output of {m} is whole on every rank "
-                        "(only a column-parallel linear's last dimension can stay split over 'tensor')")
+                        f"{what}: the output of {m} is column-parallel, split by features over 'tensor'; a rule may "
+                        "keep that split ([null, null, tensor]) or gather it ([null, null, null]), not split "
+                        f"dimension {d} over 'tensor'")
         out[rule.pattern] = rule.spec
     return out
+
+
+def _gathered(plan: Plan, module: str) -> bool:
+    """Whether a rule gathers ``module``'s output whole (``[null, null, null]``)."""
+    return any(r.output_index is None and all(e is None for e in r.spec) and _matches(r.pattern, module)
+               for r in plan.rules)
 
 
 def _matches(pattern: str, name: str) -> bool:

@@ -25,10 +25,11 @@ from .errors import ShardwiseError
 from .families import family
 from .layout import Layout
 from .loader import LoadStats, load_rank_state
+from .parallel.activations import apply_placements
 from .parallel.comm import Collectives
 from .parallel.fsdp import axis_groups, storage_axes
 from .parallel.redistribute import assign_redistributed
-from .parallelize import assign_state, check_runtime, parallelize
+from .parallelize import assign_state, check_runtime, native_outputs, parallelize
 from .plan import Plan, resolve_plan
 from .protocol import Model
 from .redistribute import redistribution
@@ -141,7 +142,7 @@ def load_sharded(
     if red is not None and (storage_axes(mesh) or not red.trivial):
         # The modules take the compute layout's shapes; pieces stored otherwise are sliced at load or
         # gathered on use (redistribute.py). Over storage axes, the parallel layers run in the tensor group.
-        if comm.rank == 0 and red.gathers():
+        if comm.rank == 0 and any(m.extra or m.kind == "slice" for m in red.moves.values()):
             log.info("Redistributing: %s", red.summary(torch.tensor([], dtype=torch_dtype).element_size()))
         groups = axis_groups(mesh, comm.rank, comm) if storage_axes(mesh) else None
         parallelize(model, red.compute, comm.rank, groups.tensor if groups else comm)
@@ -150,6 +151,12 @@ def load_sharded(
     else:
         parallelize(model, layout, comm.rank, comm)
         assign_state(model, state)
+    compute = red.compute if red is not None else layout
+    native = native_outputs(compute, family(config.family).role("embedding"))
+    placed = apply_placements(model, compute, native, comm.rank, comm)
+    if placed and comm.rank == 0:
+        log.info("Activation rules: %d module output(s) are sliced to their placement and gathered back for the "
+                 "next module (one extra all-gather each per forward)", placed)
     model.to(device)
     model.eval()
     return ShardedModel(model, config, layout, comm.rank, comm, stats, torch_dtype)
