@@ -95,27 +95,39 @@ def _plan_files(tmp_path, mesh: str) -> dict[str, str | None]:
 
 def _rank_generate(rank, world, model_path, plans, mesh, out_dir, prompts):
     from shardwise.generation import generate
+    from shardwise.parallel.comm import Collectives
     from shardwise.parallel.fsdp import StorageGather
     from shardwise.plan import resolve_plan
     from shardwise.sharded_model import load_sharded
 
     calls = {"gather": 0, "forward": 0}
-    forward = StorageGather.forward
+    forward, count = StorageGather.forward, Collectives._count
+    sent = {"bytes": 0.0}  # what this rank sent, over every group it is in (the planner's ring model)
 
     def counted(self, local):
         calls["gather"] += 1
         return forward(self, local)
 
+    def counted_bytes(self, kind, nbytes, factor):
+        count(self, kind, nbytes, factor)
+        sent["bytes"] += factor * (self.world_size - 1) / self.world_size * nbytes
+
     StorageGather.forward = counted
+    Collectives._count = counted_bytes
     results = {}
     for key, path in plans.items():
         plan = resolve_plan("llama", path, mesh=mesh)
         sharded = load_sharded(model_path, "float32", plan)
         sharded.module.register_forward_pre_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
+        sent["bytes"] = 0.0
+        generate(sharded.module, prompts, 1, 0, (), comm=sharded.comm)  # the prefill alone
+        prefill = sent["bytes"]
         calls["gather"] = calls["forward"] = 0
+        sent["bytes"] = 0.0
         gen = generate(sharded.module, prompts, NEW_TOKENS, 0, (), comm=sharded.comm, keep_logits=True)
         results[key] = {"tokens": gen.tokens, "logits": gen.step_logits, "held": sharded.stats.bytes_held,
-                        "gathers_per_forward": calls["gather"] / max(1, calls["forward"])}
+                        "gathers_per_forward": calls["gather"] / max(1, calls["forward"]),
+                        "sent_per_token": (sent["bytes"] - prefill) / (NEW_TOKENS - 1)}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
@@ -137,8 +149,12 @@ def _check(model_path, tmp_path, mesh, reference, plans, prompts=PROMPTS):
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-3) for a, b in zip(got["logits"], reference["logits"])), \
             (mesh, key)
         # The planner agrees with what the ranks measured: bytes held and weight all-gathers per forward.
-        report = estimate_capacity(model_path, sharding_config=path, mesh=mesh, torch_dtype="float32")
+        report = estimate_capacity(model_path, sharding_config=path, mesh=mesh, torch_dtype="float32",
+                                   batch_size=len(prompts))
         assert [r.param_bytes for r in report.ranks] == [r[key]["held"] for r in ranks], (mesh, key)
+        # Bytes each rank sent per generated token, over all its groups (tensor, storage, every rank).
+        assert all(r[key]["sent_per_token"] == pytest.approx(report.sent_per_rank) for r in ranks), \
+            (mesh, key, [r[key]["sent_per_token"] for r in ranks], report.sent_per_rank)
         gathers = sum(c.count for c in report.collectives if c.what.split(": ")[1].startswith(("stored", "weight")))
         assert all(r[key]["gathers_per_forward"] == gathers for r in ranks), (mesh, key, gathers)
     return ranks

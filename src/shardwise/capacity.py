@@ -430,12 +430,16 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
             config.family).role("embedding") else config.hidden_size
         if module == layout.output:
             features = config.vocab_size
-        for entry in spec:
+        for d, entry in enumerate(spec):
             axes = [a for a in spec_axes(entry) if mesh.size(a) > 1]
             if axes:
+                parts = math.prod(mesh.size(a) for a in axes)
+                # The decode step's output [batch, 1, features]; the split dimension is padded to equal pieces.
+                size = (batch, 1, features)[d] if d < 3 else 1
+                padded = -(-size // parts) * parts
                 shown = f"{generic_name(module)}{'' if index is None else f'[{index}]'}"
-                add("all-gather", token * features, f"{shown}: output placed as {_show(spec)}, gathered back for the "
-                    "next module", math.prod(mesh.size(a) for a in axes), True)
+                add("all-gather", token * features // size * padded, f"{shown}: output placed as {_show(spec)}, "
+                    "gathered back for the next module", parts, True)
     # Sequence parallelism: a decode step's one token sits on rank 0, so each gather is a broadcast of it.
     for names, what in ((gather_out, "sequence-parallel output, gathered"), (gather_in, "sequence-parallel input, "
                                                                              "gathered")):
