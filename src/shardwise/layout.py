@@ -9,12 +9,11 @@ or zero padding (``start is None``). Padding is what makes uneven splits exact: 
 column-parallel weight produce zeros that the matching padded columns of the row-parallel weight
 ignore, and padded vocabulary rows are cut from the gathered logits.
 
-The layout also refuses what the model cannot run. Over the ``tensor`` axis a tensor may be split only
-along dimensions the family plan's ``tp_splits`` table lists (norm weights, for one, are read whole
-by every rank), tensors of one ``group`` (a layer's attention or MLP projections) are split together or
-not at all, and an uneven split is padded only where the table says padding is exact (``pad``);
-elsewhere the sizes must divide. Other axes (``fsdp``) only store a weight split, to be gathered when
-used, so they may split any dimension that divides (or a ``pad`` one unevenly).
+The layout refuses only what is meaningless (an axis not in the mesh, a spec longer than the tensor,
+tied weights split unalike): it is the *storage* layout, and any split of any dimension over any
+axes is stored as written (unevenly: padded). Which of those splits the parallel layers compute with
+as stored, and how the others are redistributed, is ``redistribute.py``'s decision (the family plan's
+``tp_splits`` table, ``units`` and ``groups``).
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from .mesh import Mesh
 from .plan import TENSOR_AXIS, Plan, Rule, SequenceParallel, Spec, generic_name, module_names, spec_axes
 
 log = logging.getLogger("shardwise")
-PAD_EXACT = ("padding is exact only for column-parallel output rows, row-parallel input columns, vocabulary rows "
-             "and attention heads")
 
 
 @dataclass(frozen=True)
