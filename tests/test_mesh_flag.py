@@ -96,3 +96,8 @@ def test_run_refuses_a_mesh_that_disagrees_with_the_ranks(tiny_model_dir, tmp_pa
     assert_one_line_error(shardwise("shard", "--model-path", str(tiny_model_dir), "--sharding-config", str(path),
                                     "--mesh", "fsdp=2,tensor=2", "--compiled-model-path", str(tmp_path / "c")),
                           "pre-sharded checkpoints hold tensor-parallel meshes only")
+    transposed = tmp_path / "transposed.yaml"
+    transposed.write_text("model.layers.*.mlp.up_proj.weight: [null, tensor]\n")
+    assert_one_line_error(shardwise("shard", "--model-path", str(tiny_model_dir), "--sharding-config",
+                                    str(transposed), "--compiled-model-path", str(tmp_path / "c")),
+                          "pre-sharded checkpoints hold plans the parallel layers compute with as stored")

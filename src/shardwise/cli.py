@@ -229,6 +229,13 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     if mesh.world_size != (mesh.size(TENSOR_AXIS) if TENSOR_AXIS in mesh.axis_names else 1):
         raise ShardwiseError(f"pre-sharded checkpoints hold tensor-parallel meshes only; the mesh {mesh.describe()} "
                              "splits over other axes too: shard it on load (`shardwise run --mesh ...`)")
+    from .conformance import model_layout
+    from .redistribute import redistribution
+
+    config = load_config(model_path)
+    if not redistribution(model_layout(model_path, plan=plan, config=config, mesh=mesh), config, plan).trivial:
+        raise ShardwiseError("pre-sharded checkpoints hold plans the parallel layers compute with as stored; this plan "
+                             "splits some weights otherwise (see `shardwise plan`): shard it on load")
     local = args.local_ranks_size or args.tp_degree - args.start_rank_id
     logging.getLogger("shardwise").info("Sharding weights for ranks: %d...%d", args.start_rank_id,
                                         args.start_rank_id + local - 1)
