@@ -61,7 +61,8 @@ def native_outputs(layout: Layout, embedding: str | None = None) -> dict[str, in
     for name, t in layout.tensors.items():
         if name.endswith(".weight") and len(t.shape) == 2 and t.split_dims == (0,):
             module = name[: -len(".weight")]
-            if module != layout.output and not _output_replicated(layout, module) and module != embedding:
+            if module != layout.output and not _output_replicated(layout, module) \
+                    and not (embedding and (module == embedding or module.endswith("." + embedding))):
                 native[module] = -1
     if layout.sequence is not None:
         rules = [Rule(p, s) for p, s in layout.activations.items()]
