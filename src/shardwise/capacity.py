@@ -409,7 +409,7 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
         if not split:
             continue
         short = generic_name(module)
-        if module in by_sequence and (split == [1] or module == family(config.family).role("embedding")):
+        if module in by_sequence and (split == [1] or module == family(config.family).roles.get("embedding")):
             add("reduce-scatter", token * config.hidden_size, f"{short}: partial sums reduce-scattered by sequence")
         elif module == family(config.family).role("embedding"):
             if split == [0]:
@@ -424,10 +424,11 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
     from .parallel.activations import placed_rules
     from .parallelize import native_outputs
 
-    for spec, index, module in placed_rules(layout, native_outputs(layout, family(config.family).role("embedding"))):
+    embedding = family(config.family).roles.get("embedding")
+    for spec, index, module in placed_rules(layout, native_outputs(layout, embedding)):
         weight = layout.tensors.get(f"{module}.weight")
-        features = weight.shape[0] if weight is not None and len(weight.shape) == 2 and module != family(
-            config.family).role("embedding") else config.hidden_size
+        features = weight.shape[0] if weight is not None and len(weight.shape) == 2 and module != embedding \
+            else config.hidden_size
         if module == layout.output:
             features = config.vocab_size
         for d, entry in enumerate(spec):

@@ -152,7 +152,7 @@ def load_sharded(
         parallelize(model, layout, comm.rank, comm)
         assign_state(model, state)
     compute = red.compute if red is not None else layout
-    native = native_outputs(compute, family(config.family).role("embedding"))
+    native = native_outputs(compute, family(config.family).roles.get("embedding"))
     placed = apply_placements(model, compute, native, comm.rank, comm)
     if placed and comm.rank == 0:
         log.info("Activation rules: %d module output(s) are sliced to their placement and gathered back for the "
