@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -14,17 +11,26 @@ from shardwise.mesh import Mesh
 from shardwise.plan import resolve_plan
 
 
-def shardwise(*args, timeout=120):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "shardwise", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def shardwise(*args):
+    """``shardwise ARGS`` in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from shardwise.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
 
 
-def assert_one_line_error(proc, pattern):
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("shardwise: error:")]
-    assert len(lines) == 1 and pattern in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+def assert_one_line_error(result, pattern):
+    code, _, err = result
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("shardwise: error:")]
+    assert len(lines) == 1 and pattern in lines[0], err
+    assert "Traceback" not in err
+
 
 # torchprime's flat form (no `mesh:` section: torchprime sizes the mesh in its trainer config).
 FLAT_FSDP_TP = """
@@ -76,10 +82,10 @@ def test_plan_command_with_mesh(tmp_path, tiny_raw):
     (tmp_path / "config.json").write_text(json.dumps(tiny_raw))
     path = tmp_path / "flat.yaml"
     path.write_text(FLAT_FSDP_TP)
-    proc = shardwise("plan", "--model-path", str(tmp_path), "--sharding-config", str(path), "--mesh",
-                     "fsdp=2,tensor=2", "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["mesh"] == {"fsdp": 2, "tensor": 2}
+    code, out, err = shardwise("plan", "--model-path", str(tmp_path), "--sharding-config", str(path), "--mesh",
+                               "fsdp=2,tensor=2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["mesh"] == {"fsdp": 2, "tensor": 2}
     # An axis the plan uses but the mesh lacks, and a bad flag: one line each, exit 2.
     assert_one_line_error(shardwise("plan", "--model-path", str(tmp_path), "--sharding-config", str(path),
                                     "--mesh", "data=2,tensor=2"), "axis 'fsdp' is not in the mesh")
