@@ -169,10 +169,13 @@ def test_two_d_mesh_rings_per_axis_and_fsdp_gathers(tiny_raw, tmp_path):
     cfg.write_text(json.dumps(tiny_raw))
     example = Path(__file__).resolve().parents[1] / "docs/plans/llama-fsdp-tp.yaml"
     report = estimate_capacity(cfg, sharding_config=example, batch_size=4, seq_len=16, torch_dtype="float32")
-    one_d = estimate_capacity(cfg, tp_degree=4, batch_size=2, seq_len=16, torch_dtype="float32")
+    one_d = estimate_capacity(cfg, tp_degree=4, batch_size=4, seq_len=16, torch_dtype="float32")
     assert report.mesh.world_size == 8
-    # The batch is split over fsdp (model.layers.*: [fsdp, ...]): each rank caches 2 of the 4 sequences.
+    # The batch rules (model.layers.*: [fsdp, ...]) place outputs split at the boundary and gather them back:
+    # every fsdp replica still generates (and caches) the whole batch, and the gathers are listed as extra.
     assert report.ranks[0].kv_cache_bytes == one_d.ranks[0].kv_cache_bytes
+    placed = [c for c in report.extra if c.what.startswith("model.layers.*: output placed as [fsdp, null, null]")]
+    assert placed and placed[0].count == 2 and placed[0].group == 2 and placed[0].bytes == 4 * 72 * 4
     by_what = {c.what.split(":")[0]: c for c in report.collectives}
     assert by_what["model.layers.*.mlp.down_proj"].group == 4  # row-parallel sum over the tensor axis
     gather = by_what["model.layers.*.mlp.up_proj.weight"]  # stored split over fsdp, gathered each step

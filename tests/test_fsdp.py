@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardwise.errors import ShardwiseError
 from shardwise.layout import compute_layout
 from shardwise.mesh import Mesh
 from shardwise.parallel.fsdp import _placement
@@ -84,15 +83,21 @@ def _read(source: torch.Tensor, shard) -> torch.Tensor:
     return out
 
 
-def test_runtime_refuses_mixed_dimensions(tmp_path, tiny_config, tiny_shapes):
+def test_one_dimension_over_tensor_and_fsdp_gathers_over_the_right_group(tmp_path, tiny_config, tiny_shapes):
+    """[[tensor, fsdp], null] (tensor outer) is gathered within the storage group; [[fsdp, tensor], null]
+    interleaves the parts across tensor ranks, so its compute shard needs pieces from every rank."""
+    from shardwise.redistribute import redistribution
+
     path = tmp_path / "p.yaml"
     path.write_text(FSDP_TP.replace("up_proj.weight: [tensor, fsdp]", "up_proj.weight: [[tensor, fsdp], null]")
-                    .replace("gate_proj.weight: [tensor, fsdp]", "gate_proj.weight: [[tensor, fsdp], null]")
-                    .replace("down_proj.weight: [fsdp, tensor]", "down_proj.weight: [null, [tensor, fsdp]]"))
+                    .replace("gate_proj.weight: [tensor, fsdp]", "gate_proj.weight: [[fsdp, tensor], null]"))
     plan = resolve_plan("llama", path)
     layout = compute_layout(tiny_shapes, tiny_config, plan, plan.mesh())
-    with pytest.raises(ShardwiseError, match="dimension 0 is split over tensor x fsdp; `shardwise run` needs"):
-        check_runtime(layout)
+    check_runtime(layout)
+    red = redistribution(layout, tiny_config, plan)
+    up, gate = red.moves["model.layers.0.mlp.up_proj.weight"], red.moves["model.layers.0.mlp.gate_proj.weight"]
+    assert (up.kind, up.group, up.group_size, up.extra) == ("gather", "storage", 2, False)
+    assert (gate.kind, gate.group, gate.group_size, gate.extra) == ("gather", "world", 4, True)
 
 
 def _rank_logits(rank, world, model_path, plan_path, out_dir):

@@ -42,14 +42,14 @@ def test_norm_outputs_kept_whole_are_gathered_at_the_norm(tiny_config, tiny_shap
     (["model.norm=[null,tensor,null]"], True, "generation takes the last position of model.norm's output"),
     (["model.layers.*=[null,null,null]"], True, "the output of model.layers.0 is the residual stream"),
     (["model.layers.*.self_attn.q_proj=[null,tensor,null]"], True,
-     "output of model.layers.0.self_attn.q_proj is whole"),
+     "output of model.layers.0.self_attn.q_proj is column-parallel"),
 ])
 def test_inconsistent_sequence_rules_are_refused(tiny_config, tiny_shapes, overrides, sp, msg):
     with pytest.raises(ShardwiseError, match=msg):
         layout_for(tiny_shapes, tiny_config, 2, overrides, sp)
 
 
-def test_capacity_estimate_counts_the_sequence_gathers(tiny_raw, tmp_path):
+def test_capacity_estimate_sequence_parallelism_adds_no_bytes_per_token(tiny_raw, tmp_path):
     import json
 
     from shardwise.capacity import estimate_capacity
@@ -58,10 +58,14 @@ def test_capacity_estimate_counts_the_sequence_gathers(tiny_raw, tmp_path):
     cfg.write_text(json.dumps(tiny_raw))
     plain = estimate_capacity(cfg, tp_degree=3, batch_size=2)
     sp = estimate_capacity(cfg, tp_degree=3, batch_size=2, sequence_parallel=True)
-    extra = [c for c in sp.collectives if "sequence-parallel" in c.what]
-    assert sum(c.count for c in extra) == 2 * 2 + 1  # attention and MLP inputs per layer, and model.norm
-    assert all(c.bytes == 2 * 72 * 4 * 3 for c in extra)  # batch x hidden x fp32, one padded token per rank
-    assert sp.sent_per_rank > plain.sent_per_rank
+    gathers = [c for c in sp.collectives if "sequence-parallel" in c.what]
+    assert sum(c.count for c in gathers) == 2 * 2 + 1  # attention and MLP inputs per layer, and model.norm
+    assert all(c.kind == "broadcast" and c.bytes == 2 * 72 * 4 for c in gathers)  # the decode token, batch 2
+    scattered = [c for c in sp.collectives if c.kind == "reduce-scatter"]
+    assert sum(c.count for c in scattered) == 1 + 2 * 2  # the embedding, o_proj and down_proj of each layer
+    assert not [c for c in sp.collectives if c.kind == "all-reduce"]
+    # Partial -> Shard (reduce-scatter) plus Shard -> Replicate (gather) move the bytes of one all-reduce.
+    assert sp.sent_per_rank == pytest.approx(plain.sent_per_rank)
 
 
 def _rank_logits(rank, world, model_path, sp, out_dir):
@@ -70,9 +74,16 @@ def _rank_logits(rank, world, model_path, sp, out_dir):
     from shardwise.sharded_model import load_sharded
 
     sharded = load_sharded(model_path, "float32", resolve_plan("llama", sequence_parallel=sp))
-    gen = generate(sharded.module, [[5, 6, 7, 8, 9], [10, 11]], 5, 0, (), comm=sharded.comm, keep_logits=True)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    sent = sharded.comm.sent
+    generate(sharded.module, prompts, 1, 0, (), comm=sharded.comm)  # the prefill alone
+    prefill = dict(sent)
+    sent.clear()
+    gen = generate(sharded.module, prompts, 5, 0, (), comm=sharded.comm, keep_logits=True)
+    decode = {k: v - prefill.get(k, 0) for k, v in sent.items()}  # 4 decode steps' bytes, per collective
     if rank == 0:
-        torch.save({"tokens": gen.tokens, "logits": gen.step_logits}, f"{out_dir}/{'sp' if sp else 'tp'}.pt")
+        torch.save({"tokens": gen.tokens, "logits": gen.step_logits, "decode": decode},
+                   f"{out_dir}/{'sp' if sp else 'tp'}.pt")
 
 
 @pytest.mark.slow
@@ -85,3 +96,7 @@ def test_sequence_parallel_generates_what_tensor_parallelism_does(tiny_checkpoin
     sp, tp = torch.load(tmp_path / "sp.pt"), torch.load(tmp_path / "tp.pt")
     assert sp["tokens"] == tp["tokens"]
     assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(sp["logits"], tp["logits"]))
+    # Measured: sequence parallelism reduce-scatters instead of all-reducing and broadcasts the decode
+    # token instead of padding a gather, so a generated token costs the same bytes as without it.
+    assert "reduce-scatter" in sp["decode"] and "all-reduce" not in sp["decode"]
+    assert sum(sp["decode"].values()) == pytest.approx(sum(tp["decode"].values()))

@@ -311,3 +311,29 @@ def test_decode_fast_path_token_identical(tmp_path, window):
     finally:
         generation.MASK_TABLE_LIMIT = limit
     assert step_tokens == one_tokens and _same(step_logits, one_logits)
+
+
+def _body_reduce_scatter(rank: int, world: int) -> dict:
+    """Each rank's rows of a reduce-scatter are bit for bit its rows of the all-reduce, in several chunks."""
+    from shardwise.parallel.comm import Collectives
+
+    comm = Collectives(fast=True, slot_bytes=SLOT)
+    gen = torch.Generator().manual_seed(7 + rank)
+    checked = 0
+    for batch, length, hidden in ((2, 5, 72), (1, 1, 40), (3, 7, 4099)):  # uneven rows; the last spans chunks
+        x = torch.randn(batch, length, hidden, generator=gen)
+        chunk = -(-length // world)
+        start = min(rank * chunk, length)
+        end = min(start + chunk, length)
+        mine = comm.reduce_scatter(x.clone(), 1, start, end)
+        whole = comm.all_reduce(x.clone())
+        assert _same(mine, whole[:, start:end].contiguous()), (batch, length, hidden)
+        checked += 1
+    assert comm.sent["reduce-scatter"] * 2 == pytest.approx(comm.sent["all-reduce"])  # half the bytes
+    return {"checked": checked}
+
+
+@pytest.mark.slow
+def test_reduce_scatter_is_the_all_reduce_rows(tmp_path):
+    results = _spawn(_body_reduce_scatter, 3, tmp_path)
+    assert all(r and r["ok"] and r["result"]["checked"] == 3 for r in results), results

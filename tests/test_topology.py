@@ -37,7 +37,7 @@ def test_connections_decide_the_ring_link(monkeypatch):
     assert resolve_topology(part).link == "host"  # the ring 0-1-2-0 has host hops
 
 
-def test_several_partitions_need_a_name(monkeypatch):
+def test_several_partitions_need_a_name_to_plan_or_serve(monkeypatch):
     monkeypatch.setattr(topology, "usable_cores", lambda: 8)
     data = {"partitions": [config((0, 1))["partitions"][0], {"name": "big", "devices": [
         {"deviceId": 1, "numCores": 1}, {"deviceId": 2, "numCores": 1}]}]}
@@ -84,8 +84,9 @@ def test_duplicate_partition_names_and_devices_across_partitions():
 def test_partition_larger_than_the_machine(monkeypatch):
     monkeypatch.setattr(topology, "usable_cores", lambda: 2)
     cfg = parse_partition_config(config((0, 1), (1, 1), (2, 1)), "pc.json")
-    with pytest.raises(ShardwiseError, match="asks for 3 cores in all, but this process may use 2"):
-        resolve_topology(cfg)
+    topo = resolve_topology(cfg)  # more cores than the machine has: the ranks share them, one thread each
+    assert topo.threads == (1, 1, 1) and "asks for 3 cores in all but this process may use 2" in topo.capped
+    assert resolve_topology(parse_partition_config(config((0, 1), (1, 1)), "pc.json")).capped == ""
     monkeypatch.setattr(topology, "cuda_device_count", lambda: 2)
     with pytest.raises(ShardwiseError, match="needs cuda:2, but this machine has 2 CUDA devices"):
         resolve_topology(parse_partition_config(config((0, 1), (2, 1)), "pc.json"), device="cuda")
@@ -119,8 +120,8 @@ def test_cli_partition_and_plan_errors_are_one_line_before_any_rank(tiny_model_d
     assert main(["run", "--model-path", str(tiny_model_dir), "--sharding-config", str(plan)]) == 2
     err = capsys.readouterr().err.strip()
     assert "nearest real names: model.layers.*.self_attn.o_proj.weight" in err and "\n" not in err
-    assert main(["run", "--model-path", str(tiny_model_dir), "--set", "model.norm.weight=[tensor]"]) == 2
-    assert "cannot consume dimension 0 split over 'tensor'" in capsys.readouterr().err
+    assert main(["run", "--model-path", str(tiny_model_dir), "--set", "model.norm.weight=[tensor, null]"]) == 2
+    assert "spec [tensor, null] has 2 entries but the tensor has 1 dimension" in capsys.readouterr().err
     pc.write_text(json.dumps(config((0, 1), (1, 1))))
     assert main(["run", "--model-path", str(tiny_model_dir), "--partition-config", str(pc), "--tp-degree", "4"]) == 2
     assert "the mesh tensor=4 has 4 ranks but 2 devices were given" in capsys.readouterr().err
@@ -137,8 +138,8 @@ def test_four_cpu_ranks_from_a_partition_config_match_hf(tiny_model_dir, tmp_pat
     pc = tmp_path / "pc.json"
     pc.write_text(json.dumps(config((0, 1), (1, 1), (2, 1), (3, 1), connections=[{"devices": [0, 1, 2, 3],
                                                                                   "type": "p2p"}])))
-    # The file alone would be refused (the MLP half split, lm_head tied to a split embedding but not
-    # split itself); the --set overrides below complete it, so they are applied before any check.
+    # The file alone splits the MLP by halves and leaves lm_head (tied to a split embedding) without a rule;
+    # the --set overrides below complete it, and are applied before any check.
     plan = tmp_path / "plan.yaml"
     plan.write_text("""
 mesh: {axes: [tensor]}
@@ -182,3 +183,38 @@ def test_launch_gives_each_rank_its_own_thread_count(tmp_path):
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["2", "1"]
     with pytest.raises(ShardwiseError, match="must give each of the 2 local ranks at least 1"):
         launch(_report_threads, 2, (str(tmp_path),), threads=(1,))
+
+
+# The Cloud AI 100 documentation's partition examples, as written there: 16 numCores per device.
+AI100_P2P_4 = {"partitions": [{"name": "partition0", "devices": [{"deviceId": d, "numCores": 16} for d in range(4)]}],
+               "connections": [{"devices": [0, 1, 2, 3], "type": "p2p"}]}
+AI100_HOST_2 = {"partitions": [{"name": "partition0", "devices": [{"deviceId": d, "numCores": 16} for d in range(2)]}]}
+
+
+def test_accelerator_partition_examples_share_this_machines_cores(monkeypatch):
+    monkeypatch.setattr(topology, "usable_cores", lambda: 2)
+    p2p = resolve_topology(parse_partition_config(AI100_P2P_4, "p2p.json"))
+    assert p2p.threads == (1, 1, 1, 1) and p2p.link == "p2p"
+    assert "asks for 64 cores in all but this process may use 2: numCores capped" in p2p.capped
+    host = resolve_topology(parse_partition_config(AI100_HOST_2, "host.json"))
+    assert host.threads == (1, 1) and host.link == "host"
+    monkeypatch.setattr(topology, "cuda_device_count", lambda: 4)  # on GPUs, deviceId picks the GPU
+    assert resolve_topology(parse_partition_config(AI100_P2P_4), device="cuda").devices == tuple(
+        f"cuda:{d}" for d in range(4))
+
+
+@pytest.mark.slow
+def test_several_partitions_run_one_job_each(tiny_model_dir, tmp_path, capsys):
+    """The host example and a second partition in one file, on this machine's real cores: two jobs."""
+    data = {"partitions": [AI100_HOST_2["partitions"][0],
+                           {"name": "partition1", "devices": [{"deviceId": d, "numCores": 16} for d in (2, 3)]}],
+            "connections": [{"devices": [2, 3], "type": "p2p"}]}
+    pc = tmp_path / "pc.json"
+    pc.write_text(json.dumps(data))
+    rc = main(["run", "--model-path", str(tiny_model_dir), "--partition-config", str(pc), "--no-chat-template",
+               "--prompt", "w5 w17 w3", "--max-new-tokens", "4", "--check-accuracy-mode", "token-matching"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "Partition 'partition0': job 1 of 2" in out.err and "Partition 'partition1': job 2 of 2" in out.err
+    assert out.err.count("numCores capped") == 2 and out.err.count("Accuracy check (token-matching) passed") == 2
+    assert "partition 'partition1' (cpu, p2p links)" in out.err and out.out.count("Prompt: w5 w17 w3") == 2

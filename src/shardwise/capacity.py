@@ -20,9 +20,10 @@ from .dtypes import WEIGHT_DTYPES, canonical, safetensors_code, weight_dtype
 from .dtypes import itemsize as dtype_itemsize
 from .errors import ShardwiseError
 from .families import family, state_dict_shapes
-from .layout import Layout, compute_layout
+from .layout import Layout, _show, compute_layout
 from .mesh import Mesh
 from .plan import TENSOR_AXIS, generic_name, resolve_plan, spec_axes
+from .redistribute import WORLD_GROUP, Redistribution, redistribution
 from .topology import HOST, P2P, load_partition_config, ring_link
 
 # Assumed link figures for the collective-time estimate (override with --p2p-gbps etc.). They are
@@ -68,9 +69,12 @@ class Collective:
     bytes: int
     what: str
     group: int
+    extra: bool = False  # communication the fast plan (tensor parallelism, fsdp storage) would not do
 
     @property
     def steps(self) -> int:
+        """Ring steps: an all-reduce is a reduce-scatter then an all-gather; the others one pass (a broadcast
+        pipelined along the ring)."""
         return 2 * (self.group - 1) if self.kind == "all-reduce" else self.group - 1
 
     def sent_per_rank(self) -> float:
@@ -127,6 +131,12 @@ class CapacityReport:
     def sent_per_rank(self) -> float:
         return sum(c.count * c.sent_per_rank() for c in self.collectives)
 
+    @property
+    def extra(self) -> list[Collective]:
+        """Collectives the plan costs beyond the fast plan (weights stored split otherwise than the layers compute
+        with, activation rules placing outputs otherwise than the layers produce them)."""
+        return [c for c in self.collectives if c.extra]
+
     def to_dict(self) -> dict:
         return {
             "model": self.model, "shapes_from": self.shapes_from,
@@ -137,6 +147,8 @@ class CapacityReport:
             "per_token": {
                 "collectives": [asdict(c) for c in self.collectives],
                 "bytes_sent_per_rank": round(self.sent_per_rank),
+                "extra_collectives": [asdict(c) for c in self.extra],
+                "extra_bytes_sent_per_rank": round(sum(c.count * c.sent_per_rank() for c in self.extra)),
                 "seconds_p2p": self.comm_seconds(P2P), "seconds_host": self.comm_seconds(HOST),
                 "link": self.link,
             },
@@ -164,7 +176,13 @@ class CapacityReport:
         if not self.collectives:
             lines.append("  none")
         for c in self.collectives:
-            lines.append(f"  {c.kind:<10} {c.count:>4} x {_size(c.bytes):>10} over {c.group:>3} ranks  {c.what}")
+            lines.append(f"  {c.kind:<10} {c.count:>4} x {_size(c.bytes):>10} over {c.group:>3} ranks  {c.what}"
+                         + ("   <- extra" if c.extra else ""))
+        if self.extra:
+            extra = sum(c.count * c.sent_per_rank() for c in self.extra)
+            lines.append(f"  extra (not in the fast plan: weights stored otherwise than the parallel layers compute "
+                         f"with, outputs placed otherwise than they are produced): {sum(c.count for c in self.extra)} "
+                         f"all-gather(s), {_size(extra)} sent per rank per token")
         if self.collectives:
             lk = self.links
             lines += [
@@ -271,6 +289,7 @@ def estimate_capacity(
     overrides: list[str] | None = None,
     links: Links = Links(),
     sequence_parallel: bool = False,
+    mesh: str | None = None,
 ) -> CapacityReport:
     """Plan ``model_path`` (a checkpoint directory or a ``config.json``) without reading a weight."""
     if batch_size < 1 or seq_len < 1:
@@ -279,7 +298,7 @@ def estimate_capacity(
     config = load_config(path)
     dtype_name = weight_dtype(torch_dtype, config)
     itemsize = dtype_itemsize(dtype_name)
-    plan = resolve_plan(config.family, sharding_config, overrides, sequence_parallel)
+    plan = resolve_plan(config.family, sharding_config, overrides, sequence_parallel, mesh)
     link, device_ids = P2P, None
     if partition_config is not None:
         # Planning needs no such machine: the partition's devices are not checked against this one.
@@ -294,7 +313,9 @@ def estimate_capacity(
         raise ShardwiseError(f"the 'tensor' axis ({mesh.size(TENSOR_AXIS)}) exceeds the model's {config.num_heads} "
                              "attention heads")
     shapes, shapes_from = _shapes(path, config)
-    layout = compute_layout(shapes, config, plan, mesh)
+    # What each rank holds (the plan's storage) and what the parallel layers compute with (redistribute.py).
+    red = redistribution(compute_layout(shapes, config, plan, mesh), config, plan)
+    layout = red.compute
     n = mesh.world_size
     cuda = device.startswith("cuda")
     if device_memory_gib is not None:
@@ -313,29 +334,27 @@ def estimate_capacity(
     batch = _local_batch(layout, batch_size, fam.role("layer"))
     ranks = []
     for r in range(n):
-        params = layout.rank_bytes(r, itemsize)
+        params = red.storage.rank_bytes(r, itemsize)
         kv_rows = sum(_rows(layout, fam.role(p, i), r) for i in range(config.num_layers) for p in ("k", "v"))
         kv = batch * seq_len * kv_rows * itemsize
-        ranks.append(RankCapacity(r, devices[r], params, kv, _activation_bytes(layout, config, r, batch, seq_len,
+        ranks.append(RankCapacity(r, devices[r], params, kv, _activation_bytes(red, config, r, batch, seq_len,
                                                                             itemsize), memory[r]))
-    uncovered = sorted({generic_name(u) for u in layout.uncovered})
+    uncovered = sorted({generic_name(u) for u in red.storage.uncovered})
     return CapacityReport(str(model_path), shapes_from, mesh, dtype_name, batch_size, seq_len, memory_source, ranks,
-                      _collectives(layout, config, batch, itemsize), link, links, uncovered)
+                      _collectives(red, config, batch, itemsize), link, links, uncovered)
 
 
 def _local_batch(layout: Layout, batch: int, layer: str) -> int:
-    """The batch one rank carries: split if the plan splits decoder-layer outputs' batch dimension."""
-    from .plan import Rule
-
-    for pattern, spec in layout.activations.items():
-        rule = Rule(pattern, spec)
-        if spec and spec[0] is not None and Rule(rule.module, ()).regex.match(layer):
-            return -(-batch // math.prod(layout.mesh.size(a) for a in spec_axes(spec[0])))
+    """The batch one rank carries: the whole batch. A rule splitting decoder-layer outputs' batch over fsdp
+    places them split at the boundary (an extra all-gather, listed), but every replica still generates
+    the whole batch."""
     return batch
 
 
-def _activation_bytes(layout: Layout, config: ModelConfig, rank: int, batch: int, seq: int, itemsize: int) -> int:
+def _activation_bytes(red: Redistribution, config: ModelConfig, rank: int, batch: int, seq: int,
+                      itemsize: int) -> int:
     """Peak transient bytes of a prefill of ``batch x seq`` tokens; see ACTIVATION_NOTE."""
+    layout = red.compute
     tokens = batch * seq
     fam = family(config.family)
     p = fam.role("layer") + "."
@@ -345,37 +364,44 @@ def _activation_bytes(layout: Layout, config: ModelConfig, rank: int, batch: int
     hidden_states = tokens * itemsize * (4 * config.hidden_size + q + 2 * kv + 3 * inter)
     scores = batch * heads * seq * seq * itemsize + batch * seq * seq  # scores + boolean mask
     logits = batch * 4 * (vocab_local + config.vocab_size)
-    gathered = 0  # one decoder layer's weights, all-gathered over storage axes (fsdp) while it runs
-    for name, t in layout.tensors.items():
-        storage = [a for e in t.spec for a in spec_axes(e) if a != TENSOR_AXIS]
-        if name.startswith(p) and storage:
-            local = math.prod(t.shards[rank].local_shape)
-            gathered += local * (math.prod(layout.mesh.size(a) for a in storage) - 1) * itemsize
+    gathered = 0  # one decoder layer's weights, all-gathered (fsdp storage, redistribution) while it runs
+    for m in red.gathers():
+        if m.name.startswith(p):
+            held = math.prod(red.storage.tensors[m.name].shards[rank].local_shape)
+            gathered += (m.gathered_elements(red.storage) - held) * itemsize
     return hidden_states + scores + logits + gathered
 
 
-def _collectives(layout: Layout, config: ModelConfig, batch: int, itemsize: int) -> list[Collective]:
-    """The collectives one decode step runs, from which layers the layout makes parallel.
+def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize: int) -> list[Collective]:
+    """The collectives one decode step runs, from which layers the compute layout makes parallel.
 
     Over ``tensor``: a sum per row-parallel linear and vocabulary-split embedding, a gather per gathered
-    column-parallel output (lm_head). Over storage axes (fsdp): an all-gather of every weight stored
-    split, each step (weights are gathered when used and dropped after).
+    column-parallel output (lm_head). Over storage axes (fsdp), or every rank: an all-gather of every
+    weight stored split otherwise than the layers compute with, each step (weights are gathered when
+    used and dropped after); those the fast plan would not do are marked extra.
     """
+    layout = red.compute
     mesh = layout.mesh
     tp = mesh.size(TENSOR_AXIS) if TENSOR_AXIS in mesh.axis_names else 1
     token = batch * itemsize  # bytes per feature for one decode step's batch
-    counts: dict[tuple[str, int, str, int], int] = {}
+    counts: dict[tuple[str, int, str, int, bool], int] = {}
 
-    def add(kind: str, nbytes: int, what: str, group: int = tp) -> None:
-        key = (kind, nbytes, what, group)
+    def add(kind: str, nbytes: int, what: str, group: int = tp, extra: bool = False) -> None:
+        key = (kind, nbytes, what, group, extra)
         counts[key] = counts.get(key, 0) + 1
 
+    for m in red.gathers():
+        gathered = m.gathered_elements(red.storage) * itemsize
+        stored = [a for e in m.stored for a in spec_axes(e) if a != TENSOR_AXIS]
+        if m.extra:
+            what = (f"{generic_name(m.name)}: stored {_show(m.stored)}, computed as {_show(m.compute)} "
+                    f"(gathered over {'every rank' if m.group == WORLD_GROUP else 'the storage group'})")
+        else:
+            what = f"{generic_name(m.name)}: weight stored split over {'x'.join(stored)}"
+        add("all-gather", gathered, what, m.group_size, m.extra)
+    scatter, gather_out, gather_in = layout.sequence_boundaries()
+    by_sequence = set(scatter)
     for name, t in layout.tensors.items():
-        storage = [a for e in t.spec for a in spec_axes(e) if a != TENSOR_AXIS]
-        if storage and t.source == name:
-            group = math.prod(mesh.size(a) for a in storage)
-            gathered = math.prod(t.shards[0].local_shape) * group * itemsize
-            add("all-gather", gathered, f"{generic_name(name)}: weight stored split over {'x'.join(storage)}", group)
         if not name.endswith(".weight") or len(t.shape) != 2 or tp == 1:
             continue
         module = name[: -len(".weight")]
@@ -383,7 +409,9 @@ def _collectives(layout: Layout, config: ModelConfig, batch: int, itemsize: int)
         if not split:
             continue
         short = generic_name(module)
-        if module == family(config.family).role("embedding"):
+        if module in by_sequence and (split == [1] or module == family(config.family).roles.get("embedding")):
+            add("reduce-scatter", token * config.hidden_size, f"{short}: partial sums reduce-scattered by sequence")
+        elif module == family(config.family).role("embedding"):
             if split == [0]:
                 add("all-reduce", token * t.shape[1], f"{short}: vocabulary-parallel lookup, summed")
             else:
@@ -392,13 +420,34 @@ def _collectives(layout: Layout, config: ModelConfig, batch: int, itemsize: int)
             add("all-reduce", token * t.shape[0], f"{short}: row-parallel output, summed")
         elif module == layout.output or _gathers(layout, module):
             add("all-gather", token * t.shards[0].local_shape[0] * tp, f"{short}: column-parallel output, gathered")
-    # Sequence parallelism: a decode step's one token sits on one rank; gathers pad each rank's share to it.
-    _, gather_out, gather_in = layout.sequence_boundaries()
+    # Activation rules placed at module boundaries (parallel/activations.py): sliced, then gathered back.
+    from .parallel.activations import placed_rules
+    from .parallelize import native_outputs
+
+    embedding = family(config.family).roles.get("embedding")
+    for spec, index, module in placed_rules(layout, native_outputs(layout, embedding)):
+        weight = layout.tensors.get(f"{module}.weight")
+        features = weight.shape[0] if weight is not None and len(weight.shape) == 2 and module != embedding \
+            else config.hidden_size
+        if module == layout.output:
+            features = config.vocab_size
+        for d, entry in enumerate(spec):
+            axes = [a for a in spec_axes(entry) if mesh.size(a) > 1]
+            if axes:
+                parts = math.prod(mesh.size(a) for a in axes)
+                # The decode step's output [batch, 1, features]; the split dimension is padded to equal pieces.
+                size = (batch, 1, features)[d] if d < 3 else 1
+                padded = -(-size // parts) * parts
+                shown = f"{generic_name(module)}{'' if index is None else f'[{index}]'}"
+                add("all-gather", token * features // size * padded, f"{shown}: output placed as {_show(spec)}, "
+                    "gathered back for the next module", parts, True)
+    # Sequence parallelism: a decode step's one token sits on rank 0, so each gather is a broadcast of it.
     for names, what in ((gather_out, "sequence-parallel output, gathered"), (gather_in, "sequence-parallel input, "
                                                                              "gathered")):
         for m in names:
-            add("all-gather", token * config.hidden_size * tp, f"{generic_name(m)}: {what}")
-    return [Collective(kind, count, nbytes, what, group) for (kind, nbytes, what, group), count in counts.items()]
+            add("broadcast", token * config.hidden_size, f"{generic_name(m)}: {what} (the decode token, from rank 0)")
+    return [Collective(kind, count, nbytes, what, group, extra)
+            for (kind, nbytes, what, group, extra), count in counts.items()]
 
 
 def _gathers(layout: Layout, module: str) -> bool:

@@ -22,6 +22,10 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+MESH_HELP = ("mesh axes and sizes, e.g. fsdp=2,tensor=2 (torchprime's ici_mesh overrides): replaces the plan's "
+             "`mesh:` section; the product is the number of ranks")
+
+
 def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
     """Add ``--a-b`` and NxD's spelling ``--a_b`` for the same option."""
     names = [flag] + ([flag.replace("-", "_").replace("__", "--", 1)] if "-" in flag[2:] else [])
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--sharding-config", default=None, help="YAML sharding plan (default: the family's built-in plan)")
     run.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
                      help="override one plan rule, e.g. 'model.layers.*.mlp.up_proj.weight=[tensor,null]'")
+    _add(run, "--mesh", default=None, help=MESH_HELP)
     _add(run, "--device", default="cpu", help="cpu, or cuda (one GPU per rank, NCCL)")
     _add_preshard_flags(run)
     _add_task_flags(run, suppress=True)
@@ -103,11 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Interrupted runs resume: valid rank files are kept, "
                                        "missing or partial ones are written again.")
     _add(shard, "--model-path", default=None, help="HF checkpoint directory (default: the bundled SmolLM2)")
-    _add(shard, "--tp-degree", type=int, default=2, help="tensor-parallel degree")
+    _add(shard, "--tp-degree", type=int, default=None, help="tensor-parallel degree (default 2, or --mesh's)")
     _add(shard, "--torch-dtype", default="auto", help="dtype of the written shards (auto = config's)")
     _add(shard, "--sharding-config", default=None, help="YAML sharding plan (default: the family's built-in plan)")
     shard.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
                        help="override one plan rule")
+    _add(shard, "--mesh", default=None, help=MESH_HELP)
     _add_preshard_flags(shard, required=True)
     shard.add_argument("--verify", choices=["auto", "full"], default="auto",
                        help="source hashes taken on an earlier run are reused while the files' identity (size, "
@@ -143,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
                       help="override one plan rule")
     _add(plan, "--sequence-parallel-enabled", action="store_true", help="add the family's sequence-parallel rules")
+    _add(plan, "--mesh", default=None, help=MESH_HELP)
     from .capacity import HOST_GBPS, HOST_LATENCY_US, P2P_GBPS, P2P_LATENCY_US
 
     _add(plan, "--p2p-gbps", type=float, default=P2P_GBPS, help="assumed device-to-device bandwidth, GB/s")
@@ -169,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--sharding-config", default=None, help="YAML sharding plan (default: the family's built-in plan)")
     serve.add_argument("--set", action="append", dest="overrides", default=[], metavar="NAME=[SPEC]",
                        help="override one plan rule")
+    _add(serve, "--mesh", default=None, help=MESH_HELP)
     _add(serve, "--device", default="cpu", help="cpu, or cuda (one GPU per rank, NCCL)")
     _add(serve, "--partition-config", default=None,
          help="device partition config JSON (Cloud AI 100 form): its devices are the ranks, numCores their threads")
@@ -252,11 +260,24 @@ def _add_preshard_flags(parser: argparse.ArgumentParser, required: bool = False)
 def _cmd_shard(args: argparse.Namespace) -> int:
     from .config import load_config
     from .convert import bundled_model_dir
-    from .plan import resolve_plan
+    from .plan import TENSOR_AXIS, resolve_plan
     from .presharded import preshard
 
     model_path = args.model_path or str(bundled_model_dir())
-    plan = resolve_plan(load_config(model_path).family, args.sharding_config, args.overrides)
+    plan = resolve_plan(load_config(model_path).family, args.sharding_config, args.overrides, mesh=args.mesh)
+    if args.tp_degree is None:
+        args.tp_degree = plan.mesh().world_size if plan.mesh_sizes is not None else 2
+    mesh = plan.mesh(world_size=args.tp_degree)
+    if mesh.world_size != (mesh.size(TENSOR_AXIS) if TENSOR_AXIS in mesh.axis_names else 1):
+        raise ShardwiseError(f"pre-sharded checkpoints hold tensor-parallel meshes only; the mesh {mesh.describe()} "
+                             "splits over other axes too: shard it on load (`shardwise run --mesh ...`)")
+    from .conformance import model_layout
+    from .redistribute import redistribution
+
+    config = load_config(model_path)
+    if not redistribution(model_layout(model_path, plan=plan, config=config, mesh=mesh), config, plan).trivial:
+        raise ShardwiseError("pre-sharded checkpoints hold plans the parallel layers compute with as stored; this plan "
+                             "splits some weights otherwise (see `shardwise plan`): shard it on load")
     local = args.local_ranks_size or args.tp_degree - args.start_rank_id
     logging.getLogger("shardwise").info("Sharding weights for ranks: %d...%d", args.start_rank_id,
                                         args.start_rank_id + local - 1)
@@ -296,6 +317,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         enable_bucketing=args.enable_bucketing, context_encoding_buckets=args.context_encoding_buckets,
         token_generation_buckets=args.token_generation_buckets,
         **nxd_options(args),
+        mesh=args.mesh,
     )
     result = run(opts)
     if result.texts and result.task == "causal-lm":
@@ -328,7 +350,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model_path=model_path, tp_degree=args.tp_degree, torch_dtype=args.torch_dtype, seq_len=args.seq_len,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, device=args.device,
         sharding_config=args.sharding_config, overrides=args.overrides,
-        sequence_parallel=args.sequence_parallel_enabled, partition_config=args.partition_config,
+        sequence_parallel=args.sequence_parallel_enabled, mesh=args.mesh, partition_config=args.partition_config,
         partition=args.partition, compiled_model_path=args.compiled_model_path, skip_sharding=args.skip_sharding,
         verify=args.verify, progress=sys.stderr.isatty(), pad_token_id=args.pad_token_id,
         batch_invariant=not args.no_batch_invariant,
@@ -345,7 +367,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         args.model_path, args.tp_degree, args.partition_config, args.partition, args.batch_size, args.seq_len,
         args.torch_dtype, args.device, args.device_memory_gib, args.sharding_config, args.overrides,
         Links(args.p2p_gbps, args.p2p_latency_us, args.host_gbps, args.host_latency_us),
-        args.sequence_parallel_enabled,
+        args.sequence_parallel_enabled, args.mesh,
     )
     print(report_json(report) if args.json else report.format())
     return 0

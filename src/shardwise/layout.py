@@ -9,12 +9,11 @@ or zero padding (``start is None``). Padding is what makes uneven splits exact: 
 column-parallel weight produce zeros that the matching padded columns of the row-parallel weight
 ignore, and padded vocabulary rows are cut from the gathered logits.
 
-The layout also refuses what the model cannot run. Over the ``tensor`` axis a tensor may be split only
-along dimensions the family plan's ``tp_splits`` table lists (norm weights, for one, are read whole
-by every rank), tensors of one ``group`` (a layer's attention or MLP projections) are split together or
-not at all, and an uneven split is padded only where the table says padding is exact (``pad``);
-elsewhere the sizes must divide. Other axes (``fsdp``) only store a weight split, to be gathered when
-used, so they may split any dimension that divides (or a ``pad`` one unevenly).
+The layout refuses only what is meaningless (an axis not in the mesh, a spec longer than the tensor,
+tied weights split unalike): it is the *storage* layout, and any split of any dimension over any
+axes is stored as written (unevenly: padded). Which of those splits the parallel layers compute with
+as stored, and how the others are redistributed, is ``redistribute.py``'s decision (the family plan's
+``tp_splits`` table, ``units`` and ``groups``).
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from .mesh import Mesh
 from .plan import TENSOR_AXIS, Plan, Rule, SequenceParallel, Spec, generic_name, module_names, spec_axes
 
 log = logging.getLogger("shardwise")
-PAD_EXACT = ("padding is exact only for column-parallel output rows, row-parallel input columns, vocabulary rows "
-             "and attention heads")
 
 
 @dataclass(frozen=True)
@@ -281,7 +278,6 @@ def compute_layout(
         if t.shards != src.shards:
             raise ShardwiseError(f"{name} is tied to {t.source} (tie_word_embeddings), so both must be split the same "
                                  f"way; the plan gives {_show(t.spec)} and {_show(src.spec)}")
-    _check_groups(plan, layouts)
     activations = _activations(plan, layouts, mesh)
     sequence = _sequence_parallel(plan, module_names(list(layouts)), mesh)
     uncovered = tuple(n for n in layouts if not plan.covers(n))
@@ -308,55 +304,21 @@ def _show(spec: Spec) -> str:
 
 def _check_split(name: str, rule: Rule | None, spec: Spec, shape: tuple[int, ...], units, plan: Plan,
                  mesh: Mesh) -> None:
-    """Refuse splits the model cannot consume, and uneven splits that padding would make inexact."""
-    kinds = plan.splits_for(name)
-    what = f"{name} (rule {rule.pattern!r})" if rule else name
-    for d, entry in enumerate(spec):
-        if entry is None:
-            continue
-        axes = spec_axes(entry)
-        kind = kinds[d] if d < len(kinds) else None
-        if TENSOR_AXIS in axes and kind is None:
-            ok = [str(i) for i, k in enumerate(kinds) if k is not None]
-            why = (f"it can be split over 'tensor' along dimension {', '.join(ok)} only" if ok else
-                   "every tensor-parallel rank reads it whole; split it over a storage axis such as fsdp, "
-                   "or not at all")
-            raise ShardwiseError(f"{what}: the model cannot consume dimension {d} split over 'tensor': {why}")
-        parts = math.prod(mesh.size(a) for a in axes)
-        unit = units[d] if d < len(units) else None
-        if shape[d] % parts and kind != "pad" and unit is None:
-            raise ShardwiseError(f"{what}: dimension {d} ({shape[d]}) does not divide into {parts} parts over "
-                                 f"{' x '.join(axes)}, and padding it would not be exact ({PAD_EXACT})")
+    """Refuse what is meaningless for storage: nothing, today.
 
-
-def _check_groups(plan: Plan, layouts: dict[str, TensorLayout]) -> None:
-    """Tensors of one group instance (one layer's attention, say) use `tensor` alike, or none of them does."""
-    compiled = [[Rule(p, ()).regex for p in group] for group in plan.groups]
-    seen: dict[tuple[int, tuple[str, ...]], tuple[str, object]] = {}
-    for name, t in layouts.items():
-        for g, regexes in enumerate(compiled):
-            if not any(rx.match(name) for rx in regexes):
-                continue
-            usage = next((spec_axes(e) for e in t.spec if TENSOR_AXIS in spec_axes(e)), None)
-            key = (g, tuple(re.findall(r"\.(\d+)(?=\.|\Z)", name)))
-            if key not in seen:
-                seen[key] = (name, usage)
-                continue
-            other, other_usage = seen[key]
-            if usage != other_usage:
-                def how(u):
-                    return "not split over 'tensor'" if u is None else f"split over {' x '.join(u)}"
-                raise ShardwiseError(
-                    f"{other} is {how(other_usage)} but {name} is {how(usage)}: they must be split over 'tensor' "
-                    "together or not at all (a row-parallel projection consumes its partners' split output)")
+    Any dimension may be stored split over any axis (GSPMD semantics): an uneven split is padded (the
+    pieces are placed by source index when gathered, so padding never reaches a result), and a split
+    the parallel layers cannot compute with is redistributed at run time (``redistribute.py``).
+    """
 
 
 def _activations(plan: Plan, layouts: dict[str, TensorLayout], mesh: Mesh) -> dict[str, Spec]:
-    """Module-output rules, checked: real axes, not longer than an output, and producible by the runtime.
+    """Module-output rules, checked: real axes, not longer than an output, and meaningful for the runtime.
 
-    Under tensor parallelism only a column-parallel module's output can stay split (over `tensor`, last
-    dimension); every other module's output is whole on every rank, and the family's output module
-    (lm_head) is always gathered because generation reads whole logits.
+    Any placement of an output the runtime computes whole is applied at the module boundary
+    (``parallel/activations.py``: sliced, then gathered back for the next module). A column-parallel
+    output kept split over `tensor` (by features) may keep that split or be gathered, and be placed
+    over other axes; splitting it over `tensor` another way is refused.
     """
     modules = module_names(list(layouts))
     stream = set(_stream_modules(plan.sequence, modules)) if plan.sequence else set()
@@ -379,16 +341,21 @@ def _activations(plan: Plan, layouts: dict[str, TensorLayout], mesh: Mesh) -> di
                 if m in stream and d == plan.sequence.dim and rule.output_index is None:
                     continue  # sequence parallelism; checked as a whole in _sequence_parallel
                 weight = layouts.get(f"{m}.weight")
-                column = weight is not None and TENSOR_AXIS in spec_axes(weight.spec[0])
-                if m == plan.output:
-                    raise ShardwiseError(f"{what}: generation reads the whole output of {m} on every rank; "
-                                         "it cannot stay split over 'tensor'")
-                if not column or d != plan.activation_rank - 1 or rule.output_index is not None:
+                column = (weight is not None and len(weight.spec) == 2 and TENSOR_AXIS in spec_axes(weight.spec[0])
+                          and m != plan.output)
+                if column and d != plan.activation_rank - 1 and not _gathered(plan, m):
                     raise ShardwiseError(
-                        f"{what}: under tensor parallelism the output of {m} is whole on every rank "
-                        "(only a column-parallel linear's last dimension can stay split over 'tensor')")
+                        f"{what}: the output of {m} is column-parallel, split by features over 'tensor'; a rule may "
+                        "keep that split ([null, null, tensor]) or gather it ([null, null, null]), not split "
+                        f"dimension {d} over 'tensor'")
         out[rule.pattern] = rule.spec
     return out
+
+
+def _gathered(plan: Plan, module: str) -> bool:
+    """Whether a rule gathers ``module``'s output whole (``[null, null, null]``)."""
+    return any(r.output_index is None and all(e is None for e in r.spec) and _matches(r.pattern, module)
+               for r in plan.rules)
 
 
 def _matches(pattern: str, name: str) -> bool:

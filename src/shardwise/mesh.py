@@ -31,6 +31,32 @@ class Mesh:
         """The mesh of plain tensor parallelism: one ``tensor`` axis of ``tp_degree`` ranks."""
         return cls(("tensor",), (int(tp_degree),))
 
+    @classmethod
+    def parse(cls, text: str) -> Mesh:
+        """``--mesh fsdp=2,tensor=2``: axis sizes as torchprime's ``ici_mesh.fsdp=2`` overrides give them.
+
+        Axes keep the order written (the last varies fastest over ranks); sizes of 1 are allowed.
+        """
+        names: list[str] = []
+        sizes: list[int] = []
+        for part in str(text).split(","):
+            name, eq, value = part.strip().partition("=")
+            name = name.strip()
+            if not eq or not name or not name.replace("_", "").isalnum():
+                raise ShardwiseError(f"--mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE...], e.g. fsdp=2,tensor=2")
+            try:
+                size = int(value.strip())
+            except ValueError:
+                raise ShardwiseError(f"--mesh {text!r}: the size of axis {name!r} is not an integer: "
+                                     f"{value.strip()!r}") from None
+            if size < 1:
+                raise ShardwiseError(f"--mesh {text!r}: axis {name!r} has size {size}; sizes are at least 1")
+            if name in names:
+                raise ShardwiseError(f"--mesh {text!r}: axis {name!r} is given twice")
+            names.append(name)
+            sizes.append(size)
+        return cls(tuple(names), tuple(sizes))
+
     def describe(self) -> str:
         """``fsdp=2 x tensor=4``: how the mesh is written in messages."""
         return " x ".join(f"{n}={s}" for n, s in zip(self.axis_names, self.axis_sizes))

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from .errors import ShardwiseError
-from .layout import Layout, TensorLayout
+from .layout import Layout, TensorLayout, output_spec
 from .parallel.comm import Collectives
 from .parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from .parallel.sequence import apply_sequence_parallel
-from .plan import TENSOR_AXIS, Rule, spec_axes
+from .plan import TENSOR_AXIS, Rule, module_names, spec_axes
 
 
 def _output_replicated(layout: Layout, module_name: str) -> bool:
@@ -54,26 +54,33 @@ def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, 
 
 
 def check_runtime(layout: Layout) -> None:
-    """Refuse layouts the layout language allows but this runtime cannot run.
+    """Refuse layouts the layout language allows but this runtime cannot run: none today.
 
-    Storage axes (fsdp) are run by gathering weights along them (``parallel/fsdp.py``), which needs
-    each dimension split over `tensor` or over storage axes, not both; and module outputs cannot be
-    split over a storage axis (generation keeps every rank's batch whole).
+    Every weight spec runs (``redistribute.py``) and every activation spec the layout accepts is placed
+    at its module boundary (``parallel/activations.py``).
     """
-    for t in layout.tensors.values():
-        for d, entry in enumerate(t.spec):
-            axes = spec_axes(entry)
-            if TENSOR_AXIS in axes and len(axes) > 1:
-                raise ShardwiseError(
-                    f"{t.name}: dimension {d} is split over {' x '.join(axes)}; `shardwise run` needs each dimension "
-                    "split over 'tensor' or over storage axes such as fsdp, not both (e.g. [tensor, fsdp]); "
-                    "`shardwise plan` accepts it")
-    for pattern, spec in layout.activations.items():
-        storage = [a for e in spec for a in spec_axes(e) if a != TENSOR_AXIS and layout.mesh.size(a) > 1]
-        if storage:
-            raise ShardwiseError(
-                f"activation rule {pattern!r} splits a module output over {storage[0]}: `shardwise run` keeps every "
-                "rank's batch whole (each fsdp replica generates the whole batch); `shardwise plan` accepts it")
+
+
+def native_outputs(layout: Layout, embedding: str | None = None) -> dict[str, int]:
+    """Modules whose output the runtime itself keeps split over ``tensor`` (``layout``: the compute layout),
+    and along which dimension: column-parallel outputs not gathered (-1: features), and the
+    sequence-parallel stream (the sequence). ``embedding`` is the family's embedding module (its output is
+    whole however its table is split)."""
+    native: dict[str, int] = {}
+    for name, t in layout.tensors.items():
+        if name.endswith(".weight") and len(t.shape) == 2 and t.split_dims == (0,):
+            module = name[: -len(".weight")]
+            if module != layout.output and not _output_replicated(layout, module) \
+                    and not (embedding and (module == embedding or module.endswith("." + embedding))):
+                native[module] = -1
+    if layout.sequence is not None:
+        rules = [Rule(p, s) for p, s in layout.activations.items()]
+        dim = layout.sequence.dim
+        for name in module_names(list(layout.tensors)):
+            spec = output_spec(rules, name)
+            if spec is not None and len(spec) > dim and TENSOR_AXIS in spec_axes(spec[dim]):
+                native[name] = dim
+    return native
 
 
 def parallelize(model: nn.Module, layout: Layout, rank: int, comm: Collectives) -> nn.Module:

@@ -147,6 +147,15 @@ class Plan:
         return replace(family, rules=self.rules, mesh_axes=self.mesh_axes, mesh_sizes=self.mesh_sizes,
                        source=self.source)
 
+    def with_mesh(self, mesh: Mesh | str | None) -> Plan:
+        """This plan on ``mesh`` (``--mesh``): replaces the file's ``mesh`` section, or gives a flat torchprime
+        file the mesh its trainer config would (``ici_mesh.fsdp=4``)."""
+        if mesh is None:
+            return self
+        if isinstance(mesh, str):
+            mesh = Mesh.parse(mesh)
+        return replace(self, mesh_axes=mesh.axis_names, mesh_sizes=mesh.axis_sizes, source=f"{self.source} (--mesh)")
+
     def without_axes(self, axes: tuple[str, ...]) -> Plan:
         """This plan with ``axes`` removed from every spec: e.g. the tensor-parallel part of an FSDP x TP plan."""
         def strip(entry: AxisEntry) -> AxisEntry:
@@ -170,15 +179,15 @@ class Plan:
                                      f"but --tp-degree is {tp_degree}; drop one of them")
         else:
             if TENSOR_AXIS not in axes:
-                raise ShardwiseError(f"{self.source}: mesh axes {list(axes)} need `sizes` (only the 'tensor' axis "
-                                     "is sized by --tp-degree)")
+                raise ShardwiseError(f"{self.source}: mesh axes {list(axes)} need `sizes` or --mesh (only the 'tensor' "
+                                     "axis is sized by --tp-degree)")
             if len(axes) > 1:
                 others = [a for a in axes if a != TENSOR_AXIS]
-                raise ShardwiseError(f"{self.source}: give `sizes` for mesh axes {list(axes)}; --tp-degree sizes only "
-                                     f"'tensor', not {others}")
+                raise ShardwiseError(f"{self.source}: give `sizes` for mesh axes {list(axes)} (or --mesh); --tp-degree "
+                                     f"sizes only 'tensor', not {others}")
             size = tp_degree if tp_degree is not None else world_size
             if size is None:
-                raise ShardwiseError(f"{self.source}: the mesh has no sizes; give --tp-degree")
+                raise ShardwiseError(f"{self.source}: the mesh has no sizes; give --tp-degree or --mesh")
             mesh = Mesh(axes, (int(size),))
         if world_size is not None and mesh.world_size != world_size:
             raise ShardwiseError(f"{self.source}: the mesh {mesh.describe()} has {mesh.world_size} ranks but "
@@ -345,11 +354,12 @@ def builtin_plan(family: str) -> Plan:
 
 
 def resolve_plan(family: str, sharding_config: str | Path | None = None, overrides: list[str] | None = None,
-                 sequence_parallel: bool = False) -> Plan:
+                 sequence_parallel: bool = False, mesh: Mesh | str | None = None) -> Plan:
     """The user's plan (or the family's), with the family's knowledge and any overrides applied.
 
     ``sequence_parallel`` (NxD's ``--sequence-parallel-enabled``) adds the family's sequence-parallel
-    activation rules, as if given with ``--set`` before ``overrides``.
+    activation rules, as if given with ``--set`` before ``overrides``. ``mesh`` (``--mesh fsdp=2,tensor=2``)
+    replaces the plan's mesh.
     """
     plan = builtin_plan(family)
     if sharding_config is not None:
@@ -359,4 +369,4 @@ def resolve_plan(family: str, sharding_config: str | Path | None = None, overrid
         if plan.sequence is None:
             raise ShardwiseError(f"the {family} family has no sequence-parallel rules")
         extra = list(plan.sequence.rules)
-    return plan.with_overrides(extra + list(overrides or []))
+    return plan.with_overrides(extra + list(overrides or [])).with_mesh(mesh)

@@ -64,6 +64,7 @@ class RunOptions:
     partition_config: str | None = None  # device partition config JSON (see topology.py)
     partition: str | None = None  # which partition of it, when it has several
     sequence_parallel: bool = False  # NxD's --sequence-parallel-enabled: the family's sequence-parallel rules
+    mesh: str | None = None  # --mesh fsdp=2,tensor=2: the plan's mesh (torchprime's ici_mesh overrides)
     compiled_model_path: str | None = None
     save_sharded_checkpoint: bool = False
     skip_sharding: bool = False
@@ -107,6 +108,7 @@ class RunResult:
     task: str = "causal-lm"
     speculation: dict | None = None  # acceptance rate, tokens per target forward, speed-up (with --benchmark)
     outputs: object = None  # encoder tasks: encoders.EncoderOutput (embeddings, class scores, mask predictions)
+    partitions: dict[str, RunResult] = field(default_factory=dict)  # several partitions: each one's job
 
 
 def _setup_logging() -> None:
@@ -257,8 +259,8 @@ def run_plan(opts: RunOptions, config) -> Plan:
     if opts.skip_sharding and not (opts.sharding_config or opts.overrides or opts.sequence_parallel):
         from .presharded import presharded_plan
 
-        return presharded_plan(opts.compiled_model_path)
-    return resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel)
+        return presharded_plan(opts.compiled_model_path).with_mesh(opts.mesh)
+    return resolve_plan(config.family, opts.sharding_config, opts.overrides, opts.sequence_parallel, opts.mesh)
 
 
 def resolve_ranks(opts: RunOptions, config) -> tuple[Plan, Mesh, Topology | None]:
@@ -307,6 +309,8 @@ def validate(opts: RunOptions):
     if topology is None:  # e.g. --device cuda:1 cannot serve several local ranks
         dev.rank_device(opts.device, opts.start_rank_id, opts.start_rank_id, None,
                         opts.local_ranks_size or mesh.world_size - opts.start_rank_id)
+    if topology is not None and topology.capped:
+        log.info("Cores: %s", topology.capped)
     if not opts.skip_sharding:
         source = CheckpointSource(opts.model_path)  # raises if no weights
         # The whole layout, from headers alone: plan errors surface here, before any rank starts.
@@ -382,8 +386,23 @@ def _check_draft(opts: RunOptions, config, world: int) -> None:
 
 
 def run(opts: RunOptions) -> RunResult:
-    """Run the whole job; the Python equivalent of ``shardwise run``."""
+    """Run the whole job; the Python equivalent of ``shardwise run``.
+
+    A partition config with several partitions and no ``partition`` chosen runs one job per partition,
+    one after the other (the SDK's multi-partition configs: each partition its own network); the result
+    is the first job's, with every job's in ``partitions``.
+    """
     _setup_logging()
+    if opts.partition_config and opts.partition is None:
+        names = [p.name for p in load_partition_config(opts.partition_config).partitions]
+        if len(names) > 1:
+            results: dict[str, RunResult] = {}
+            for i, name in enumerate(names):
+                log.info("Partition %r: job %d of %d", name, i + 1, len(names))
+                results[name] = run(replace(opts, partition=name))
+            first = results[names[0]]
+            first.partitions = results
+            return first
     opts, config, tokenizer, batches = validate(opts)
     task = resolve_task(config, opts.task_type, opts.model_type)
     if task != CAUSAL_LM:

@@ -23,14 +23,17 @@ from .conformance import model_layout
 from .dtypes import resolve_dtype
 from .errors import ShardwiseError
 from .families import family
-from .layout import Layout, compute_layout
+from .layout import Layout
 from .loader import LoadStats, load_rank_state
+from .parallel.activations import apply_placements
 from .parallel.comm import Collectives
 from .parallel.devices import state_to_device, torch_device
-from .parallel.fsdp import assign_stored, axis_groups, storage_axes
-from .parallelize import assign_state, check_runtime, parallelize
+from .parallel.fsdp import axis_groups, storage_axes
+from .parallel.redistribute import assign_redistributed
+from .parallelize import assign_state, check_runtime, native_outputs, parallelize
 from .plan import Plan, resolve_plan
 from .protocol import Model
+from .redistribute import redistribution
 
 log = logging.getLogger("shardwise")
 
@@ -129,31 +132,42 @@ def load_sharded(
         check_runtime(layout)
         if comm.rank == 0:
             log.info("Sharding weights for ranks: 0...%d", comm.world_size - 1)
-        state, stats = load_rank_state(source, layout, comm.rank, torch_dtype, read_threads, progress)
+        red = redistribution(layout, config, plan)
+        state, stats = load_rank_state(source, red.storage, comm.rank, torch_dtype, read_threads, progress)
     # Weights straight to the device, through pinned staging buffers (no second full host copy).
     state = state_to_device(state, device)
     with torch.device("meta"), _skip_init():
         model = family(config.family).build(config)
     mesh = layout.mesh
-    storage = storage_axes(mesh)
-    if storage:
-        if weights == "presharded":
-            raise ShardwiseError("pre-sharded checkpoints hold tensor-parallel meshes only; shard this plan on load")
-        # FSDP x TP: modules take their tensor-parallel shapes; pieces stored split are gathered on use.
-        stored = {n: (t.shape, t.dtype) for n, t in layout.tensors.items() if t.source == n}
-        tp_layout = compute_layout(stored, config, plan.without_axes(storage), mesh)
-        groups = axis_groups(mesh, comm.rank, comm)
-        tp_comm = groups.tensor
-        parallelize(model, tp_layout, comm.rank, tp_comm)
-        assign_stored(model, state, layout, tp_layout, comm.rank, groups)
+    if weights == "presharded":
+        red = None
+        stored_plan = plan or presharded.presharded_plan(compiled_model_path)
+        if storage_axes(mesh) or not redistribution(layout, config, stored_plan).trivial:
+            raise ShardwiseError("pre-sharded checkpoints hold plans the parallel layers compute with as stored "
+                                 "(tensor-parallel meshes, Megatron-style splits); shard this plan on load")
+    redistributed = red is not None and bool(storage_axes(mesh) or not red.trivial)
+    if redistributed:
+        # The modules take the compute layout's shapes; pieces stored otherwise are sliced at load or
+        # gathered on use (redistribute.py). Over storage axes, the parallel layers run in the tensor group.
+        if comm.rank == 0 and any(m.extra or m.kind == "slice" for m in red.moves.values()):
+            log.info("Redistributing: %s", red.summary(torch.tensor([], dtype=torch_dtype).element_size()))
+        groups = axis_groups(mesh, comm.rank, comm) if storage_axes(mesh) else None
+        parallelize(model, red.compute, comm.rank, groups.tensor if groups else comm)
+        assign_redistributed(model, state, red, comm.rank, comm, groups.storage if groups else None)
+        layout = red.storage
     else:
         parallelize(model, layout, comm.rank, comm)
         assign_state(model, state)
+    compute = red.compute if red is not None else layout
+    native = native_outputs(compute, family(config.family).roles.get("embedding"))
+    placed = apply_placements(model, compute, native, comm.rank, comm)
+    if placed and comm.rank == 0:
+        log.info("Activation rules: %d module output(s) are sliced to their placement and gathered back for the "
+                 "next module (one extra all-gather each per forward)", placed)
     if fused_qkv or fused_gate_up:
-        if storage:  # weights gathered on use per projection: fusing them would gather them all at once
+        if redistributed or placed:  # pieces gathered per projection, or outputs placed per module
             if comm.rank == 0:
-                log.info("Not fusing projections: weights stored split over %s are gathered per projection",
-                         ", ".join(storage))
+                log.info("Not fusing projections: this plan redistributes weights or places module outputs")
         else:
             from .fusion import fuse_projections
 

@@ -81,8 +81,9 @@ class Topology:
     partition: Partition
     kind: str  # "cpu" or "cuda"
     devices: tuple[str, ...]  # per rank: "cpu" or "cuda:<deviceId>"
-    threads: tuple[int, ...]  # per rank: torch threads (numCores)
+    threads: tuple[int, ...]  # per rank: torch threads (numCores, capped to this machine's cores)
     link: str  # p2p if every hop of the rank ring is a p2p connection, else host
+    capped: str = ""  # when numCores exceed this machine's cores: the line saying how they were capped
 
     @property
     def world_size(self) -> int:
@@ -205,8 +206,14 @@ def resolve_topology(config: PartitionConfig, device: str = "cpu", partition: st
         kind = "cpu"
     else:
         raise ShardwiseError(f"--device {device!r} is not cpu or cuda")
-    if total_cores > available:
-        raise ShardwiseError(f"{config.source}: partition {part.name!r} asks for {total_cores} cores in all, but this "
-                             f"process may use {available}")
     threads = tuple(d.num_cores for d in part.devices)
-    return Topology(part, kind, devices, threads, ring_link(config, part))
+    capped = ""
+    if total_cores > available:
+        # A config written for accelerator cores (Cloud AI 100's 16 per device) still runs here: the
+        # ranks share this machine's cores, each at most its even share, never below one thread.
+        share = max(1, available // part.world_size)
+        threads = tuple(min(t, share) for t in threads)
+        capped = (f"partition {part.name!r} asks for {total_cores} cores in all but this process may use "
+                  f"{available}: numCores capped, the {part.world_size} ranks share them "
+                  f"({','.join(map(str, threads))} threads)")
+    return Topology(part, kind, devices, threads, ring_link(config, part), capped)

@@ -462,7 +462,8 @@ def _validate(opts: EngineOptions) -> tuple[RunOptions, ModelConfig, object]:
         max_context_length=opts.seq_len - 1, max_new_tokens=1, sharding_config=opts.sharding_config,
         overrides=list(opts.overrides), device=opts.device, progress=opts.progress,
         partition_config=opts.partition_config, partition=opts.partition, sequence_parallel=opts.sequence_parallel,
-        compiled_model_path=opts.compiled_model_path, skip_sharding=opts.skip_sharding, verify=opts.verify,
+        mesh=opts.mesh, compiled_model_path=opts.compiled_model_path, skip_sharding=opts.skip_sharding,
+        verify=opts.verify,
         pad_token_id=opts.pad_token_id, prompts=["."], chat_template=False,
     )
     run_opts, config, tokenizer, _ = validate(run_opts)

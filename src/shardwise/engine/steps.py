@@ -17,6 +17,7 @@ from ..errors import ShardwiseError
 from ..generation import Sampling, _mask, sample
 from ..parallel.devices import put, state_to_device, to_host, torch_device
 from ..plan import Plan
+from ..redistribute import redistribution
 from ..sharded_model import ShardedModel
 from .slots import SlotCache
 
@@ -161,6 +162,7 @@ class StepRunner:
             source = CheckpointSource(model_path)
             layout = model_layout(model_path, plan=self.plan, config=sharded.config, source=source,
                                   mesh=sharded.layout.mesh)
+            layout = redistribution(layout, sharded.config, self.plan).storage  # what the ranks hold
             difference = layout_difference(sharded.layout, layout)
             if difference:
                 raise ShardwiseError(f"{model_path}: {difference}")
@@ -171,6 +173,9 @@ class StepRunner:
         errors = _gather_errors(self.comm, error)
         if errors:
             raise ShardwiseError(errors[0])
+        # A weight gathered on use (redistribute.py) lives as its stored piece behind a parametrization.
+        names = set(self.model.state_dict())
+        state = {_stored_name(n, names): t for n, t in state.items()}
         with torch.no_grad():
             missing, unexpected = self.model.load_state_dict(
                 state_to_device(state, self.device), strict=False)
@@ -199,3 +204,10 @@ def layout_difference(old, new) -> str:
         if [s.local_shape for s in a.shards] != [s.local_shape for s in b.shards]:
             return f"tensor {name} is split differently from the running model"
     return ""
+
+
+def _stored_name(name: str, names: set[str]) -> str:
+    """``x.weight`` or, when a parametrization holds it, ``x.parametrizations.weight.original``."""
+    module, _, attr = name.rpartition(".")
+    stored = f"{module}.parametrizations.{attr}.original"
+    return stored if name not in names and stored in names else name

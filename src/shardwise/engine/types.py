@@ -42,6 +42,7 @@ class EngineOptions:
     sharding_config: str | None = None
     overrides: list[str] = field(default_factory=list)
     sequence_parallel: bool = False
+    mesh: str | None = None  # --mesh fsdp=2,tensor=2 (see RunOptions)
     partition_config: str | None = None
     partition: str | None = None
     compiled_model_path: str | None = None

@@ -43,6 +43,9 @@ class Collectives:
         self.shm: shm.ShmCollectives | None = None
         self.check = devices.checking()  # read once: one attribute test per call when off
         self.handle = _handle(self)  # how the compiled-graph ops find this object (see _all_reduce_op)
+        # Bytes this rank sent, per collective, in the ring model the planner uses (all-reduce 2(N-1)/N of
+        # the tensor; reduce-scatter, all-gather and broadcast (N-1)/N): what the run measured.
+        self.sent: dict[str, float] = {}
         if dist.is_available() and dist.is_initialized():
             self.world_size = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
@@ -69,11 +72,16 @@ class Collectives:
         """Whether CPU tensors go through shared memory."""
         return self.shm is not None
 
+    def _count(self, kind: str, nbytes: int, factor: float) -> None:
+        n = self.world_size
+        self.sent[kind] = self.sent.get(kind, 0.0) + factor * (n - 1) / n * nbytes
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over ranks, in place (under ``torch.compile``: into a new tensor, as an opaque op)."""
         if self.world_size > 1 and torch.compiler.is_compiling():
             return torch.ops.shardwise.all_reduce(x, self.handle)
         if self.world_size > 1:
+            self._count("all-reduce", x.numel() * x.element_size(), 2)
             if self.check:
                 devices.check_collective("all_reduce", [x])
                 self._all_reduce(devices.plain(x))
@@ -93,6 +101,7 @@ class Collectives:
             return x
         if torch.compiler.is_compiling():
             return torch.ops.shardwise.all_gather(x, self.handle, dim % x.dim(), self.world_size)
+        self._count("all-gather", x.numel() * x.element_size() * self.world_size, 1)
         if self.check:
             devices.check_collective("all_gather", [x])
             return devices.like(self._all_gather(devices.plain(x), dim), x)
@@ -107,8 +116,9 @@ class Collectives:
         return torch.cat(parts, dim=dim)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Rank ``src``'s ``x`` on every rank, in place."""
+        """Rank ``src``'s ``x`` (``src`` counted within this group) on every rank, in place."""
         if self.world_size > 1:
+            self._count("broadcast", x.numel() * x.element_size(), 1)
             if self.check:
                 devices.check_collective("broadcast", [x])
                 self._broadcast(devices.plain(x), src, True)
@@ -120,7 +130,41 @@ class Collectives:
         if fast and self.shm is not None and x.device.type == "cpu":
             self.shm.broadcast(x, src)
         else:
-            dist.broadcast(x, src=src, group=self.group)
+            root = dist.get_global_rank(self.group, src) if self.group is not None else src
+            dist.broadcast(x, src=root, group=self.group)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
+        """The sum over ranks of ``x``'s rows ``[start, end)`` along ``dim``; each rank passes its own bounds.
+
+        Partial -> Shard: half an all-reduce's traffic (an all-gather later completes it). Shared memory
+        and NCCL do it directly (bit-identical to the all-reduce's rows); gloo has no reduce-scatter, so
+        there it is an all-reduce and a slice (and counted as the all-reduce it is).
+        """
+        if self.world_size == 1:
+            return x.narrow(dim, start, end - start)
+        if self.check:
+            devices.check_collective("reduce_scatter", [x])
+            return devices.like(self._reduce_scatter(devices.plain(x), dim, start, end), x)
+        return self._reduce_scatter(x, dim, start, end)
+
+    def _reduce_scatter(self, x: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
+        nbytes = x.numel() * x.element_size()
+        if self.shm is not None and x.device.type == "cpu" and x.dtype in shm.REDUCIBLE:
+            self._count("reduce-scatter", nbytes, 1)
+            return self.shm.reduce_scatter(x, dim, start, end)
+        length, n = x.shape[dim], self.world_size
+        chunk = -(-length // n)
+        if "nccl" in str(dist.get_backend(self.group)).lower() and start == min(self.rank * chunk, length):
+            self._count("reduce-scatter", nbytes, 1)
+            rows = x.movedim(dim, 0)
+            if chunk * n != length:
+                rows = torch.cat([rows, rows.new_zeros(chunk * n - length, *rows.shape[1:])])
+            out = rows.new_empty(chunk, *rows.shape[1:])
+            dist.reduce_scatter_tensor(out, rows.contiguous(), group=self.group)
+            return out[: end - start].movedim(0, dim).contiguous()
+        self._count("all-reduce", nbytes, 2)
+        self._all_reduce(x)
+        return x.narrow(dim, start, end - start).contiguous()
 
     # Host-side values: allowed on a GPU run only because its group has a CPU backend (devices.py).
     def host_all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:

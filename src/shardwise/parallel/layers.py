@@ -90,12 +90,14 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self.input_is_parallel = input_is_parallel
+        self.sequence = None  # sequence parallelism: a SequenceSplit that reduce-scatters the sum by sequence
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             start = self.comm.rank * self.local_in
             x = F.pad(x[..., start : start + self.local_in], (0, max(0, start + self.local_in - x.shape[-1])))
-        y = self.comm.all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        y = self.sequence.reduce_scatter(y) if self.sequence is not None else self.comm.all_reduce(y)
         return y + self.bias if self.bias is not None else y
 
 
@@ -131,6 +133,7 @@ class ParallelEmbedding(nn.Module):
             local = local_size or _even_local(embedding_dim, world)
             shape = (num_embeddings, local)
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+        self.sequence = None  # sequence parallelism (vocabulary split): reduce-scatter the sum by sequence
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.shard_dim == 1:
@@ -138,4 +141,4 @@ class ParallelEmbedding(nn.Module):
         outside = (ids < self.row_start) | (ids >= self.row_end)
         local_ids = (ids - self.row_start).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0)
-        return self.comm.all_reduce(out)
+        return self.sequence.reduce_scatter(out) if self.sequence is not None else self.comm.all_reduce(out)

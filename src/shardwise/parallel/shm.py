@@ -270,6 +270,36 @@ class ShmCollectives:
             x.copy_(work)
         return x
 
+    def reduce_scatter(self, x: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
+        """The sum over ranks of ``x``'s rows ``[start, end)`` along ``dim`` (each rank its own bounds).
+
+        Every rank publishes its whole ``x`` and sums only its own rows, in rank order 0..N-1 as
+        ``all_reduce`` does, so the rows are bit-identical to an all-reduce's; each rank reads 1/N of
+        the data an all-reduce reads.
+        """
+        if x.dtype not in REDUCIBLE:
+            raise ShardwiseError(f"shared-memory reduce_scatter does not support {x.dtype}")
+        rows = x.movedim(dim, 0).contiguous()
+        flat = rows.view(-1)
+        total = flat.numel()
+        per_row = total // rows.shape[0] if rows.shape[0] else 0
+        lo, hi = start * per_row, end * per_row
+        out = torch.empty(hi - lo, dtype=x.dtype)
+        step = self.slot_bytes // x.dtype.itemsize
+        for first in range(0, max(total, 1), step):
+            n = min(step, total - first)
+            gen = self._next()
+            views = self._view(gen & 1, x.dtype, n)
+            views[self.rank].copy_(flat[first:first + n])
+            self._publish_and_wait(gen, "reduce_scatter")
+            a, b = max(lo, first), min(hi, first + n)
+            if a < b:
+                mine = out[a - lo:b - lo]
+                torch.add(views[0][a - first:b - first], views[1][a - first:b - first], out=mine)
+                for v in views[2:]:
+                    mine.add_(v[a - first:b - first])
+        return out.view(end - start, *rows.shape[1:]).movedim(0, dim).contiguous()
+
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's ``x`` (same shape and dtype on all ranks) along ``dim``, in rank order."""
         flat = x.contiguous().view(-1)
