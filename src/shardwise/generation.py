@@ -214,11 +214,12 @@ class _Chooser:
         head = getattr(model, "lm_head", None)
         gathering = getattr(head, "gather_output", False)
         # What the gathered path moves per row: every rank's rows of the output layer, padding included.
-        self.gathered_width = head.weight.shape[0] * comm.world_size if gathering else self.vocab_size
+        # (local_index, not weight.shape: a weight stored split is all-gathered each time it is read)
+        self.gathered_width = len(head.local_index) * comm.world_size if gathering else self.vocab_size
         self.head = head if on_device and gathering else None
         if self.head is not None:
             self.head.gather_output = False
-            self.local_ids = self.head.local_index.to(head.weight.device)
+            self.local_ids = self.head.local_index  # moved to the logits' device at first use
             self.ascending = sampler.ids_ascending(self.head.local_index)
 
     def close(self) -> None:
@@ -234,6 +235,7 @@ class _Chooser:
             tokens = sample(logits, s, self.gen)
             kept = to_host(logits) if self.keep_logits else None
         else:
+            self.local_ids = self.local_ids.to(logits.device)
             tokens, self.step_bytes = sampler.sample_sharded(logits, self.local_ids, self.vocab_size, s.top_k, s.top_p,
                                                              s.temperature, self.gen, self.comm, self.ascending)
             kept = None

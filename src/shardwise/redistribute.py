@@ -187,7 +187,13 @@ def storage_group(layout: Layout, rank: int) -> tuple[int, ...]:
 def redistribution(layout: Layout, config: ModelConfig, plan: Plan) -> Redistribution:
     """Decide the compute layout and the move of every parameter of ``layout`` (the plan's storage layout)."""
     specs = compute_specs(layout, plan, config.family)
-    stored = {n: (t.shape, t.dtype) for n, t in layout.tensors.items() if t.source == n}
+    stored: dict[str, tuple] = {}  # the checkpoint's tensors, as compute_layout takes them
+    for n, t in layout.tensors.items():
+        if t.source == n:
+            stored[n] = (t.shape, t.dtype)
+        elif t.fused_part:  # a fused checkpoint tensor (Phi-3's qkv_proj) is the rows of its parts, in order
+            rows = stored.get(t.source, ((0,), t.dtype))[0][0]
+            stored[t.source] = ((rows + t.shape[0], *t.shape[1:]), t.dtype)
     activations = [Rule(p, s) for p, s in layout.activations.items()]
     weights = [Rule(n, s, required=False) for n, s in specs.items()]
     compute = compute_layout(stored, config, replace(plan, rules=tuple(weights + activations)), layout.mesh)
@@ -212,7 +218,7 @@ def redistribution(layout: Layout, config: ModelConfig, plan: Plan) -> Redistrib
     # parameter follows its source.
     for name, m in moves.items():
         src = layout.tensors[name].source
-        if moves[src].kind == SLICE:
+        if not layout.tensors[name].stored and moves[src].kind == SLICE:
             tensors[name] = replace(layout.tensors[name], spec=compute.tensors[name].spec,
                                     shards=compute.tensors[name].shards)
             if m.kind != SLICE:
