@@ -42,17 +42,18 @@ class DecodeBuckets:
                 seq_len: int) -> DecodeBuckets:
         ctx = _checked(context, "--context-encoding-buckets") if context else default_buckets(max_context_length)
         tg = _checked(kv, "--token-generation-buckets") if kv else default_buckets(seq_len)
-        if ctx[-1] >= tg[-1]:
-            raise ShardwiseError(f"the largest context-encoding bucket ({ctx[-1]}) leaves no room to generate within "
-                                 f"the largest token-generation bucket ({tg[-1]})")
         return cls(ctx, tg)
 
     def context_length(self, longest: int) -> int:
+        """The prefill length for a batch whose longest prompt is ``longest``: its context-encoding bucket,
+        or the prompt's own length when that bucket would fill the largest token-generation bucket (as
+        NxD's own tutorial configures, 2048 and 2048 with --seq-len 2048: padding there would leave
+        nothing to generate, so that bucket is not used)."""
         i = bisect.bisect_left(self.context, longest)
         if i == len(self.context):
             raise ShardwiseError(f"a prompt of {longest} tokens exceeds the largest context-encoding bucket "
                                  f"({self.context[-1]})")
-        return self.context[i]
+        return self.context[i] if self.context[i] < self.kv[-1] else longest
 
     def kv_length(self, slots: int) -> int:
         i = bisect.bisect_left(self.kv, slots)

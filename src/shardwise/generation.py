@@ -107,9 +107,9 @@ def generate(
     ``keep_logits`` also keeps each step's logits (for accuracy checks). Greedy output is token for token
     what HF transformers generates on one process. With ``buckets`` (``decode_buckets.py``) prefill runs
     on the prompt batch left-padded to its context-encoding bucket and each decode step attends over a
-    token-generation bucket of KV slots; the tokens are the same. ``on_device_sampling`` (NxD's flag) has
-    each rank reduce its own vocabulary shard to candidates before anything is gathered: the same tokens
-    (greedy, and sampled with the same seed), a fraction of the bytes.
+    token-generation bucket of KV slots; the tokens are the same. ``on_device_sampling`` (NxD's flag)
+    has each rank reduce its own vocabulary shard to candidates before anything is gathered: the same
+    tokens (greedy, and sampled with the same seed), a fraction of the bytes.
 
     On a GPU, ids, masks, positions and sampling stay on the device: the prompt's tensors are moved
     once, each step's tokens are chosen (and, when sampled, broadcast) on the device and fed back as
@@ -132,69 +132,76 @@ def generate(
     key_pos = torch.zeros(batch, slots_total, dtype=torch.long)
     key_pos[:, :longest] = (key_valid[:, :longest].cumsum(1) - 1).clamp(min=0)
     key_pos[:, longest:] = key_pos[:, longest - 1:longest] + torch.arange(1, slots_total - longest + 1)
-    window = model.config.sliding_window
     cache = KVCache(model.config.num_layers, slots_total)
     model.prepare(slots_total, torch_device(device))
     slot_index = put(torch.arange(slots_total), device)
     gen = torch.Generator(torch_device(device)).manual_seed(sampling.seed)  # sampling on the device
-
     chooser = _Chooser(model, sampling, gen, comm, on_device_sampling, keep_logits)
-    try:  # the output layer gathers again afterwards, however generation ends
-        t0 = time.perf_counter()
-        positions = key_pos[:, :longest]
-        mask = _mask(key_valid[:, :longest], positions, torch.arange(longest), positions, window)
-        logits = model(put(ids, device), put(positions, device), put(mask, device), cache, 0)[:, -1]
-        tokens, kept_logits = chooser(logits)
-        synchronize(device)
-        t1 = time.perf_counter()
-
-        # Decode masks: the query at slot s sees slots 0..s that are valid (and, with a sliding window,
-        # within the window of its position); step s uses a slice of a tensor built once, never a new one.
-        dev_pos = put(key_pos, device)
-        if window is None:
-            step_masks = put(key_valid, device)[:, None, None, :]  # [batch, 1, 1, total]; step s: [..., :s + 1]
-        elif batch * max_new_tokens * total <= MASK_TABLE_LIMIT:
-            q_pos = key_pos[:, longest:, None]  # [batch, steps, 1]
-            table = key_valid[:, None, :] & ((q_pos - key_pos[:, None, :]) < window)
-            step_masks = put(table, device)[:, None, :, None, :]  # [batch, 1, steps, 1, total]
-        else:
-            step_masks = None
-        eos = set(eos_token_ids)
-        out: list[list[int]] = [[] for _ in range(batch)]
-        done = [False] * batch
-        kept = [kept_logits] if kept_logits is not None else []
-        steps = 0
-        for step in range(max_new_tokens):
-            for i, t in enumerate(tokens.tolist()):
-                if not done[i]:
-                    out[i].append(t)
-                    done[i] = t in eos
-            if all(done) or step == max_new_tokens - 1:
-                break
-            slot = longest + step
-            keys = buckets.kv_length(slot + 1) if buckets is not None else slot + 1
-            if window is None:
-                mask = step_masks[..., :keys]
-            elif step_masks is not None:
-                mask = step_masks[:, :, step, :, :keys]
-            else:
-                mask = put(_mask(key_valid[:, : slot + 1], key_pos[:, : slot + 1], torch.tensor([slot]),
-                                 key_pos[:, slot:slot + 1], window), device)
-                mask = torch.nn.functional.pad(mask, (0, keys - slot - 1), value=False)
-            if buckets is not None:  # the bucket's slots after this one are not written yet
-                mask = mask & (slot_index[:keys] <= slot)
-                cache.attend_to = keys
-            logits = model(tokens[:, None], dev_pos[:, slot:slot + 1], mask, cache, slot)  # tokens: on the device
-            tokens, kept_logits = chooser(logits[:, -1])
-            if kept_logits is not None:
-                kept.append(kept_logits)
-            steps += 1
-        synchronize(device)
-        t2 = time.perf_counter()
-        prompt_tokens = sum(len(p) for p in prompts)
-        return Generated(out, t1 - t0, t2 - t1, prompt_tokens, steps, kept, cache.nbytes, chooser.step_bytes)
+    try:
+        return _generate(model, prompts, max_new_tokens, eos_token_ids, ids, key_valid, key_pos, cache, chooser,
+                         device, longest, total, buckets, slot_index)
     finally:
         chooser.close()
+
+
+def _generate(model, prompts, max_new_tokens, eos_token_ids, ids, key_valid, key_pos, cache, chooser, device,
+              longest, total, buckets, slot_index) -> Generated:
+    batch = len(prompts)
+    window = model.config.sliding_window
+
+    t0 = time.perf_counter()
+    positions = key_pos[:, :longest]
+    mask = _mask(key_valid[:, :longest], positions, torch.arange(longest), positions, window)
+    logits = model(put(ids, device), put(positions, device), put(mask, device), cache, 0)[:, -1]
+    tokens, kept_logits = chooser(logits)
+    synchronize(device)
+    t1 = time.perf_counter()
+
+    # Decode masks: the query at slot s sees slots 0..s that are valid (and, with a sliding window,
+    # within the window of its position); step s uses a slice of a tensor built once, never a new one.
+    dev_pos = put(key_pos, device)
+    if window is None:
+        step_masks = put(key_valid, device)[:, None, None, :]  # [batch, 1, 1, total]; step s: [..., :s + 1]
+    elif batch * max_new_tokens * total <= MASK_TABLE_LIMIT:
+        q_pos = key_pos[:, longest:, None]  # [batch, steps, 1]
+        table = key_valid[:, None, :] & ((q_pos - key_pos[:, None, :]) < window)
+        step_masks = put(table, device)[:, None, :, None, :]  # [batch, 1, steps, 1, total]
+    else:
+        step_masks = None
+    eos = set(eos_token_ids)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    kept = [kept_logits] if kept_logits is not None else []
+    steps = 0
+    for step in range(max_new_tokens):
+        for i, t in enumerate(tokens.tolist()):
+            if not done[i]:
+                out[i].append(t)
+                done[i] = t in eos
+        if all(done) or step == max_new_tokens - 1:
+            break
+        slot = longest + step
+        keys = buckets.kv_length(slot + 1) if buckets is not None else slot + 1
+        if window is None:
+            mask = step_masks[..., :keys]
+        elif step_masks is not None:
+            mask = step_masks[:, :, step, :, :keys]
+        else:
+            mask = put(_mask(key_valid[:, : slot + 1], key_pos[:, : slot + 1], torch.tensor([slot]),
+                             key_pos[:, slot:slot + 1], window), device)
+            mask = torch.nn.functional.pad(mask, (0, keys - slot - 1), value=False)
+        if buckets is not None:  # the bucket's slots after this one are not written yet
+            mask = mask & (slot_index[:keys] <= slot)
+            cache.attend_to = keys
+        logits = model(tokens[:, None], dev_pos[:, slot:slot + 1], mask, cache, slot)  # tokens: on the device
+        tokens, kept_logits = chooser(logits[:, -1])
+        if kept_logits is not None:
+            kept.append(kept_logits)
+        steps += 1
+    synchronize(device)
+    t2 = time.perf_counter()
+    prompt_tokens = sum(len(p) for p in prompts)
+    return Generated(out, t1 - t0, t2 - t1, prompt_tokens, steps, kept, cache.nbytes, chooser.step_bytes)
 
 
 class _Chooser:

@@ -135,7 +135,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
 
     def plain() -> list[Generated]:
         return [generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device,
-                         buckets, opts.on_device_sampling) for b in batches]
+                         buckets=buckets, on_device_sampling=opts.on_device_sampling) for b in batches]
 
     def run_all() -> list[Generated]:
         nonlocal spec_stats

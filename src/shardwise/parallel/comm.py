@@ -49,6 +49,8 @@ class Collectives:
         else:
             self.world_size, self.rank = 1, 0
         if self.world_size > 1:
+            if self.check:  # the agreement below is an all_gather_object: the device must be bound already
+                devices.check_collective("all_gather_object")
             # On a real GPU, shared memory would only carry the few host scalars: not worth a segment.
             on_gpu = devices.torch_device(devices.bound_device() or "cpu").type == "cuda"
             wanted = (fast_collectives_wanted(fast) and not on_gpu
