@@ -43,10 +43,9 @@ NXD_405B_COMMAND = [
     "--pad-token-id", "2",
     "--prompt", "What is annapurna labs?",
 ]
-# The Llama3.1 405B tutorial's compile command adds these (sampling switch, LNC). Its bucketing flags need
-# a --max-context-length below --seq-len (12288 and 12800 there), which this command's 2048/2048 is not;
-# bucketing is tested with decode_buckets.py.
-NXD_TUTORIAL_EXTRA = ["--do-sample", "--logical-neuron-cores", "2"]
+# The Llama3.1 405B tutorial's compile command adds these (bucketing, sampling switch, LNC).
+NXD_TUTORIAL_EXTRA = ["--do-sample", "--logical-neuron-cores", "2", "--enable-bucketing",
+                      "--context-encoding-buckets", "2048", "--token-generation-buckets", "2048"]
 
 
 def _nxd_command(model: Path, compiled: Path, tp: int, extra: list[str] = ()) -> list[str]:

@@ -292,7 +292,11 @@ def _fused_parts(config: ModelConfig, tensors) -> dict[str, list[tuple[str, int]
     with its parts' names and row counts, e.g. Phi-3's qkv_proj -> q_proj, k_proj, v_proj."""
     from .families import family
 
-    fused = getattr(family(config.family), "fused_parts", None)
+    try:
+        fam = family(config.family)
+    except ShardwiseError:  # a model brought by the user (custom/): no registered family, nothing fused
+        return {}
+    fused = fam.fused_parts
     return fused(config, list(tensors)) if fused is not None else {}
 
 
