@@ -217,8 +217,8 @@ def redistribution(layout: Layout, config: ModelConfig, plan: Plan) -> Redistrib
     # Slices are read straight from the checkpoint: the loader fetches the compute shard only. A tied
     # parameter follows its source.
     for name, m in moves.items():
-        src = layout.tensors[name].source
-        if not layout.tensors[name].stored and moves[src].kind == SLICE:
+        t = layout.tensors[name]
+        if moves[name if t.stored else t.source].kind == SLICE:  # a stored tensor (fused parts too) or its tie
             tensors[name] = replace(layout.tensors[name], spec=compute.tensors[name].spec,
                                     shards=compute.tensors[name].shards)
             if m.kind != SLICE:

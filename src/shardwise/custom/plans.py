@@ -148,6 +148,29 @@ def _fix_heads(model: nn.Module) -> None:
                 break
 
 
+def _check_consumable(model: nn.Module, layout: Layout) -> None:
+    """A plan on your own model splits what the parallel layers compute with as stored: Linear weights
+    by rows or columns (a column-parallel bias with its rows), Embedding tables. The built-in families
+    also run other specs by redistributing weights (redistribute.py); modules shardwise did not build
+    have no such redistribution, so anything else is refused here, before a rank loads."""
+    modules = dict(model.named_modules())
+    for name, t in layout.tensors.items():
+        if t.replicated:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        module = modules.get(owner)
+        dims = t.split_dims
+        weight = layout.tensors.get(f"{owner}.weight")
+        ok = (isinstance(module, nn.Linear) and leaf == "weight" and len(dims) == 1) or \
+             (isinstance(module, nn.Embedding) and leaf == "weight" and len(dims) == 1) or \
+             (isinstance(module, nn.Linear) and leaf == "bias" and dims == (0,) and weight is not None
+              and weight.split_dims == (0,))
+        if not ok:
+            d = dims[0] if dims else 0
+            raise ShardwiseError(f"{name} is split, but the model cannot consume dimension {d} split over 'tensor' (a plan on "
+                                 "your own model splits Linear and Embedding weights, and column-parallel biases)")
+
+
 def apply_plan(model: nn.Module, plan: Plan | str | Path | dict, comm: Collectives | None = None, *,
                heads: int | None = None, kv_heads: int | None = None) -> nn.Module:
     """Make ``model`` tensor-parallel over ``comm``'s ranks as ``plan`` says; returns the same module.
@@ -172,6 +195,7 @@ def apply_plan(model: nn.Module, plan: Plan | str | Path | dict, comm: Collectiv
     if any(a != TENSOR_AXIS and mesh.size(a) > 1 for a in mesh.axis_names):
         raise ShardwiseError("apply_plan runs tensor parallelism only: give the plan a mesh of the 'tensor' axis")
     _check_heads(model, layout, config, plan)
+    _check_consumable(model, layout)
     swapped = {n for n, t in layout.tensors.items() if not t.replicated}
     swapped_modules = {n.rpartition(".")[0] for n in swapped}
     full = {n: p.detach() for n, p in params.items() if n.rpartition(".")[0] in swapped_modules}
