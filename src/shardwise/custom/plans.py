@@ -167,8 +167,9 @@ def _check_consumable(model: nn.Module, layout: Layout) -> None:
               and weight.split_dims == (0,))
         if not ok:
             d = dims[0] if dims else 0
-            raise ShardwiseError(f"{name} is split, but the model cannot consume dimension {d} split over 'tensor' (a plan on "
-                                 "your own model splits Linear and Embedding weights, and column-parallel biases)")
+            raise ShardwiseError(f"{name} is split, but the model cannot consume dimension {d} split over 'tensor' "
+                                 "(a plan on your own model splits Linear and Embedding weights, and column-parallel "
+                                 "biases)")
 
 
 def apply_plan(model: nn.Module, plan: Plan | str | Path | dict, comm: Collectives | None = None, *,
