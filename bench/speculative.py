@@ -160,13 +160,15 @@ def render(res: dict) -> str:
         k, tpf = q["k"], s["tokens_per_target_forward"]
         draft_ratio = base / d["decode"]  # one draft step, in target steps (each measured alone)
         round_cost = tpf * base / best["decode"]  # one measured round, in target steps
-        verify_ratio = max(0.0, round_cost - k * draft_ratio)
-        allowed = tpf / (k * draft_ratio + 1)  # if verifying K+1 positions cost one decode step
+        steps = s["draft_forwards"] / max(1, s["rounds"])  # draft steps per round (K adapts per row)
+        verify_ratio = max(0.0, round_cost - steps * draft_ratio)
+        allowed = tpf / (steps * draft_ratio + 1)  # if verifying the proposals cost one decode step
         hf = q["hf"]
         lines += ["",
                   f"- What the pair allows here: a draft step costs **{draft_ratio:.2f}** target steps (each "
                   f"measured alone) and {100 * s['acceptance_rate']:.0f}% of proposals are accepted, so a round "
-                  f"yields {tpf:.2f} tokens for {k} draft steps and one verify of {k + 1} positions. If the verify "
+                  f"yields {tpf:.2f} tokens for {steps:.1f} draft steps (K={k} at most) and one verify forward. If "
+                  "the verify "
                   f"cost one decode step (decode is memory-bound), that is at most **{allowed:.2f}x**; reached "
                   f"**{best['decode'] / base:.2f}x**, i.e. a round measured {round_cost:.2f} target steps, so the "
                   f"verify (with the speculation bookkeeping) cost about {verify_ratio:.2f} target steps.",
