@@ -379,13 +379,14 @@ def targets(res: dict) -> list[str]:
     return out
 
 
-def write_section(doc: Path, text: str) -> None:
+def write_section(doc: Path, text: str, section: str = SECTION) -> None:
+    """Replace the section headed ``section`` in ``doc`` with ``text`` (appended if absent), keeping the rest."""
     old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
+    start = old.find(section)
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        nxt = old.find("\n## ", start + len(SECTION))
+        nxt = old.find("\n## ", start + len(section))
         new = old[:start] + text.rstrip("\n") + "\n\n" + (old[nxt + 1:] if nxt >= 0 else "")
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(new.rstrip("\n") + "\n")

@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     text = render(res)
-    write_section(Path(args.doc), text)
+    write_section(Path(args.doc), text, SECTION)
     print(text)
 
 

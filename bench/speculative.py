@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from decode import _cores, memory_bandwidth  # noqa: E402
+from decode import _cores, memory_bandwidth, write_section  # noqa: E402
 
 SECTION = "## Speculative decoding (bench/speculative.py)"
 PASSAGE = ("The committee met on Tuesday to review the budget. After a long discussion, the members agreed "
@@ -182,8 +182,6 @@ def render(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from decode import write_section
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=64, help="new tokens, SmolLM2 runs")
     p.add_argument("--qwen-tokens", type=int, default=48, help="new tokens, Qwen runs")
@@ -197,10 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2))
     text = render(res)
-    import decode
-
-    decode.SECTION = SECTION  # write_section replaces the section named by the module's SECTION
-    write_section(Path(args.doc), text)
+    write_section(Path(args.doc), text, SECTION)
     print(text)
 
 

