@@ -134,6 +134,8 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     spec_stats = None
 
     buckets = opts.decode_buckets()
+    if buckets is not None and speculation is not None:
+        log.info("--enable-bucketing applies to plain decoding; speculation runs at the prompts' own lengths")
 
     def plain() -> list[Generated]:
         return [generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device,
