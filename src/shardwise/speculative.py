@@ -263,7 +263,9 @@ def speculative_generate(
         # 1. Proposals.
         q_rows: list[torch.Tensor | None] = [None] * batch
         if drafter is None:
-            proposals = [propose_ngram(sequences[i], budget[i], speculation.ngram_max, speculation.ngram_min)
+            # A row whose lookups keep failing (budget 0) proposes again only on a full-length match.
+            proposals = [propose_ngram(sequences[i], max(1, budget[i]), speculation.ngram_max,
+                                       speculation.ngram_min if budget[i] else speculation.ngram_max)
                          if not done[i] else []
                          for i in range(batch)]
         else:
@@ -304,7 +306,8 @@ def speculative_generate(
             stats.row_rounds += 1
             most = max(most, kept)
             if speculation.adaptive and n:  # as HF's assisted generation schedules its draft length
-                budget[i] = min(k, budget[i] + 2) if kept == n else max(1, budget[i] - 1)
+                floor = 1 if drafter is not None else 0  # a draft model proposes at least one token
+                budget[i] = min(k, budget[i] + 2) if kept == n else max(floor, budget[i] - 1)
             target.invalidate(i, start + 1 + kept, start + width + 1)
             if drafter is not None:
                 drafter.invalidate(i, drafter.round_start + 2 + kept, drafter.next_slot)
