@@ -47,20 +47,17 @@ class Generated:
 
 
 def distribution(logits: torch.Tensor, cfg: Sampling) -> torch.Tensor:
-    """The probabilities ``sample`` draws from (last dimension): temperature, then top-k, then top-p;
-    a one-hot on the argmax when greedy. Speculative sampling needs them explicitly (p and q)."""
+    """The probabilities ``sample`` draws from (last dimension), over the whole vocabulary: the same
+    canonical candidates and weights (``sampler.py``), normalised; a one-hot on the argmax when greedy.
+    Speculative sampling needs them explicitly (p and q)."""
     if cfg.greedy:
         return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k > 1:
-        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits.softmax(-1)
+    logits = logits.float()
+    ids = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
+    values, ids = sampler.canonical_top_k(logits, ids, cfg.top_k, ids_ascending=True)
+    weights = sampler.candidate_probs(values, cfg.top_p, cfg.temperature)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return torch.zeros_like(logits).scatter_(-1, ids, weights)
 
 
 def sample(logits: torch.Tensor, cfg: Sampling, gen: torch.Generator | None) -> torch.Tensor:

@@ -55,16 +55,22 @@ def canonical_top_k(values: torch.Tensor, ids: torch.Tensor, k: int,
     return values, ids
 
 
+def candidate_probs(values: torch.Tensor, top_p: float, temperature: float) -> torch.Tensor:
+    """Unnormalised draw weights of canonical candidates: temperature, softmax, then the smallest prefix
+    reaching ``top_p`` (the rest zero). ``choose`` draws in proportion to them."""
+    probs = (values.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        probs = probs.masked_fill(drop, 0.0)
+    return probs
+
+
 def choose(values: torch.Tensor, ids: torch.Tensor, top_k: int, top_p: float, temperature: float,
            gen: torch.Generator | None) -> torch.Tensor:
     """One token per row from canonical candidates (``canonical_top_k``'s output, float32)."""
     if top_k == 1 or temperature == 0:
         return ids[..., 0]
-    logits = values.float() / temperature
-    probs = logits.softmax(-1)
-    if top_p < 1.0:
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
-        probs = probs.masked_fill(drop, 0.0)
+    probs = candidate_probs(values, top_p, temperature)
     cdf = probs.cumsum(-1)
     u = torch.rand(values.shape[0], 1, generator=gen, dtype=cdf.dtype, device=cdf.device) * cdf[..., -1:]
     pick = (cdf <= u).sum(-1, keepdim=True).clamp(max=values.shape[-1] - 1)
