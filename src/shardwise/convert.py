@@ -109,25 +109,14 @@ def _save_state(state: dict, out: Path, max_shard_size: str | None, save_file) -
     if max_shard_size is None:
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         return
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
-    limit = int(float(max_shard_size[:-2]) * units[max_shard_size[-2:].upper()])
-    shards: list[dict] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for file, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(out / file), metadata={"format": "pt"})
+    if split.is_sharded:
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))
 
 
 def bundled_model_dir() -> Path:

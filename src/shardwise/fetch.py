@@ -52,14 +52,6 @@ def converted_dir(name: str) -> Path:
     return cache_root() / name
 
 
-def is_fetched(name: str) -> bool:
-    """Whether the converted checkpoint is in the cache (tests that need it skip otherwise)."""
-    from .convert import is_converted
-
-    gguf = _gguf_path(name)
-    return gguf.is_file() and is_converted(converted_dir(name), gguf)
-
-
 def _gguf_path(name: str) -> Path:
     return cache_root() / "gguf" / f"{name}.gguf"
 
