@@ -23,7 +23,7 @@ from .families import family, state_dict_shapes
 from .layout import Layout, _show, compute_layout
 from .mesh import Mesh
 from .plan import TENSOR_AXIS, generic_name, resolve_plan, spec_axes
-from .redistribute import WORLD_GROUP, Redistribution, redistribution
+from .redistribute import COLUMN_PARALLEL, ROW_PARALLEL, WORLD_GROUP, Redistribution, redistribution
 from .topology import HOST, P2P, load_partition_config, ring_link
 
 # Assumed link figures for the collective-time estimate (override with --p2p-gbps etc.). They are
@@ -182,7 +182,7 @@ class CapacityReport:
             extra = sum(c.count * c.sent_per_rank() for c in self.extra)
             lines.append(f"  extra (not in the fast plan: weights stored otherwise than the parallel layers compute "
                          f"with, outputs placed otherwise than they are produced): {sum(c.count for c in self.extra)} "
-                         f"all-gather(s), {_size(extra)} sent per rank per token")
+                         f"collective(s), {_size(extra)} sent per rank per token")
         if self.collectives:
             lk = self.links
             lines += [
@@ -376,9 +376,11 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
     """The collectives one decode step runs, from which layers the compute layout makes parallel.
 
     Over ``tensor``: a sum per row-parallel linear and vocabulary-split embedding, a gather per gathered
-    column-parallel output (lm_head). Over storage axes (fsdp), or every rank: an all-gather of every
-    weight stored split otherwise than the layers compute with, each step (weights are gathered when
-    used and dropped after); those the fast plan would not do are marked extra.
+    column-parallel output (lm_head), and the activation collectives of the linears computed with the split
+    their weights are stored in (``Move.layer``: an all-reduce of a row-parallel compute, the input and
+    output all-gathers of a column-parallel one; extra). Over storage axes (fsdp), or every rank: an
+    all-gather of every weight stored split otherwise than the layers compute with, each step (weights are
+    gathered when used and dropped after); those the fast plan would not do are marked extra.
     """
     layout = red.compute
     mesh = layout.mesh
@@ -409,7 +411,17 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
         if not split:
             continue
         short = generic_name(module)
-        if module in by_sequence and (split == [1] or module == family(config.family).roles.get("embedding")):
+        move = red.moves.get(name)
+        if move is not None and move.layer == ROW_PARALLEL:  # replaces the gather of a gathered output
+            add("all-reduce", token * t.shape[0], f"{short}: computed row-parallel as stored {_show(move.stored)} "
+                "(input sliced locally, partial products summed)", extra=True)
+        elif move is not None and move.layer == COLUMN_PARALLEL:  # replaces the row-parallel sum
+            piece = red.target(name).shards[0]
+            add("all-gather", token * t.shards[0].local_shape[1] * tp, f"{short}: computed column-parallel as stored "
+                f"{_show(move.stored)}: input gathered", extra=True)
+            add("all-gather", token * piece.local_shape[0] * tp, f"{short}: computed column-parallel as stored "
+                f"{_show(move.stored)}: output rows gathered", extra=True)
+        elif module in by_sequence and (split == [1] or module == family(config.family).roles.get("embedding")):
             add("reduce-scatter", token * config.hidden_size, f"{short}: partial sums reduce-scattered by sequence")
         elif module == family(config.family).role("embedding"):
             if split == [0]:

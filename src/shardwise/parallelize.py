@@ -16,7 +16,9 @@ from .layout import Layout, TensorLayout, output_spec
 from .parallel.comm import Collectives
 from .parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from .parallel.sequence import apply_sequence_parallel
+from .parallel.swapped import InputSplitLinear, OutputSplitLinear
 from .plan import TENSOR_AXIS, Rule, module_names, spec_axes
+from .redistribute import ROW_PARALLEL, Redistribution
 
 
 def _output_replicated(layout: Layout, module_name: str) -> bool:
@@ -34,9 +36,13 @@ def _local_rows(segments) -> list[int]:
     return rows
 
 
-def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, rank: int, comm: Collectives):
+def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, rank: int, comm: Collectives,
+                 red: Redistribution | None = None):
     shard = t.shards[rank]
     bias = module.bias is not None
+    move = red.moves.get(t.name) if red is not None else None
+    if move is not None and move.layer is not None:
+        return _swapped_linear(name, module, t, layout, rank, comm, move.layer, red)
     if t.split_dims == (0,):
         gather = name == layout.output or _output_replicated(layout, name)
         return ColumnParallelLinear(
@@ -51,6 +57,21 @@ def _swap_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, 
             local_in_features=shard.local_shape[1], device="meta",
         )
     raise ShardwiseError(f"{name}: splitting a linear weight along dims {t.split_dims} is not supported")
+
+
+def _swapped_linear(name: str, module: nn.Linear, t: TensorLayout, layout: Layout, rank: int, comm: Collectives,
+                    kind: str, red: Redistribution) -> nn.Module:
+    """The layer of a linear computed with the split its weight is stored in (``parallel/swapped.py``)."""
+    shard, piece = t.shards[rank], red.target(t.name).shards[rank]
+    bias = module.bias is not None
+    if kind == ROW_PARALLEL:
+        gather = name == layout.output or _output_replicated(layout, name)
+        return InputSplitLinear(module.in_features, module.out_features, _local_rows(piece.dims[1]),
+                                _local_rows(shard.dims[0]), bias=bias, gather_output=gather, comm=comm,
+                                gather_index=layout.gather_index(t.name, 0) if gather else None, device="meta")
+    return OutputSplitLinear(module.in_features, module.out_features, shard.local_shape[1], piece.local_shape[0],
+                             layout.gather_index(t.name, 1), red.swapped.gather_index(t.name, 0), bias=bias,
+                             comm=comm, device="meta")
 
 
 def check_runtime(layout: Layout) -> None:
@@ -83,13 +104,16 @@ def native_outputs(layout: Layout, embedding: str | None = None) -> dict[str, in
     return native
 
 
-def parallelize(model: nn.Module, layout: Layout, rank: int, comm: Collectives) -> nn.Module:
+def parallelize(model: nn.Module, layout: Layout, rank: int, comm: Collectives,
+                red: Redistribution | None = None) -> nn.Module:
+    """Swap ``model``'s modules for ``layout``'s (the compute layout); with ``red``, the linears it swaps
+    (``Move.layer``) compute with the split their weights are stored in."""
     for name, module in list(model.named_modules()):
         t = layout.tensors.get(f"{name}.weight")
         if t is None or t.replicated:
             continue
         if isinstance(module, nn.Linear):
-            new = _swap_linear(name, module, t, layout, rank, comm)
+            new = _swap_linear(name, module, t, layout, rank, comm, red)
         elif isinstance(module, nn.Embedding):
             shard = t.shards[rank]
             if t.split_dims == (0,):

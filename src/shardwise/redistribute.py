@@ -14,6 +14,29 @@ processes, which compute layout it gets and what converts the stored piece into 
   group (the ranks sharing the ``tensor`` coordinate: fsdp storage) when their pieces cover the
   compute shard, else over every rank.
 
+A linear weight stored split over ``tensor`` on the *other* dimension than its layer computes with
+(a column-parallel ``q_proj`` stored ``[null, tensor]`` or ``[fsdp, tensor]``, a row-parallel
+``o_proj`` stored ``[tensor, null]``) need not be gathered whole over every rank: the layer computes
+with the split it is stored in instead (``Move.layer``; ``parallel/swapped.py``), its weight piece
+being the stored piece (``none``) or the storage group's pieces gathered (``gather`` over the storage
+group, fsdp's own cost):
+
+* **row-parallel** (a column-parallel weight split by input columns): each rank slices its columns
+  of the whole input, multiplies by its piece, the partial products are summed over ``tensor`` (one
+  all-reduce of the output), and each rank keeps the column-parallel output shard the next module
+  expects (its heads, with the layout's padding);
+* **column-parallel** (a row-parallel weight split by output rows): the input, split by features, is
+  all-gathered over ``tensor``, each rank computes its output rows, and they are all-gathered. This
+  replaces the row-parallel all-reduce: at decode an all-gather of the input and one of the output
+  move what the all-reduce moves when input and output are alike in size.
+
+Which one a weight gets is a cost decision from shapes alone: the bytes a rank sends per decode step
+of one token for the swapped layer (its activation collectives, minus what it saves, plus any storage
+gather) against the all-gather of the weight over every rank; the swap wins for every real linear
+(an activation is one row of a weight). Both are exact (padding rows and columns are zeros that never
+reach a result); sums are in another order than the built-in plan's, so logits agree within the
+accuracy tolerance rather than bit for bit.
+
 The compute spec of a weight is its spec with the storage axes (every axis but ``tensor``) removed,
 when the model can consume that split; otherwise (a dimension the model reads whole, an uneven split
 padding would make inexact, a layer's projections split differently, tied weights split differently)
@@ -29,11 +52,13 @@ import re
 from dataclasses import dataclass, replace
 
 from .config import ModelConfig
-from .layout import Layout, Segments, ShardSlice, compute_layout
+from .errors import ShardwiseError
+from .layout import Layout, Segments, ShardSlice, TensorLayout, compute_layout
 from .plan import TENSOR_AXIS, Plan, Rule, Spec, builtin_plan, spec_axes
 
 NONE, SLICE, GATHER = "none", "slice", "gather"
 STORAGE_GROUP, WORLD_GROUP = "storage", "world"
+ROW_PARALLEL, COLUMN_PARALLEL = "row-parallel", "column-parallel"  # Move.layer: the linear computes swapped
 
 
 @dataclass(frozen=True)
@@ -47,6 +72,9 @@ class Move:
     stored: Spec = ()
     compute: Spec = ()
     extra: bool = False  # communication the fast plan (tensor parallelism plus fsdp storage) would not do
+    # Set when the linear computes with the split the weight is stored in rather than its compute
+    # spec (row-parallel or column-parallel); its weight target is then ``Redistribution.swapped``'s shard.
+    layer: str | None = None
 
     def gathered_elements(self, layout: Layout) -> int:
         """Elements one all-gather of this weight produces (every group member's piece)."""
@@ -59,14 +87,27 @@ class Redistribution:
     storage: Layout  # what each rank loads and holds (the plan's layout; slice weights: their compute shard)
     compute: Layout  # what the parallel layers compute with
     moves: dict[str, Move]
+    # The weights of swapped linears (``Move.layer``) as the layer computes with them: the storage spec
+    # with its storage axes removed. None when no linear is swapped.
+    swapped: Layout | None = None
 
     @property
     def trivial(self) -> bool:
         """True when every stored piece is its compute shard: the model runs as loaded."""
-        return all(m.kind == NONE for m in self.moves.values())
+        return all(m.kind == NONE and m.layer is None for m in self.moves.values())
 
     def gathers(self) -> list[Move]:
         return [m for m in self.moves.values() if m.kind == GATHER]
+
+    def layers(self) -> list[Move]:
+        """The swapped linears: computed row-parallel or column-parallel as their weights are stored."""
+        return [m for m in self.moves.values() if m.layer is not None]
+
+    def target(self, name: str) -> TensorLayout:
+        """What ``name``'s layer computes with: its swapped piece, or its compute shard."""
+        if self.moves[name].layer is not None and self.swapped is not None:
+            return self.swapped.tensors[name]
+        return self.compute.tensors[name]
 
     def summary(self, itemsize: int) -> str:
         """One line for the run log: what the plan costs beyond the fast path."""
@@ -74,10 +115,16 @@ class Redistribution:
         sliced = [m for m in self.moves.values() if m.kind == SLICE]
         nbytes = sum(m.gathered_elements(self.storage) * itemsize for m in extra)
         names = sorted({_generic(m.name) for m in extra})
-        return (f"the plan stores {len(extra)} weight(s) split in ways the parallel layers do not compute with: "
+        line = (f"the plan stores {len(extra)} weight(s) split in ways the parallel layers do not compute with: "
                 f"{len(extra)} extra all-gather(s) per forward, {nbytes / 1e6:.3f} MB gathered per rank per step"
-                + (f" ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else "")
-                + (f"; {len(sliced)} weight(s) sliced locally at load" if sliced else ""))
+                + (f" ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else ""))
+        for kind, how in ((ROW_PARALLEL, "one all-reduce of the output each"),
+                          (COLUMN_PARALLEL, "an all-gather of the input and one of the output each")):
+            swapped = sorted({_generic(m.name) for m in self.layers() if m.layer == kind})
+            if swapped:
+                line += (f"; {len(swapped)} linear(s) computed {kind} as stored instead of gathered ({how}: "
+                         f"{', '.join(swapped[:4])}{', ...' if len(swapped) > 4 else ''})")
+        return line + (f"; {len(sliced)} weight(s) sliced locally at load" if sliced else "")
 
 
 def _generic(name: str) -> str:
@@ -214,6 +261,7 @@ def redistribution(layout: Layout, config: ModelConfig, plan: Plan) -> Redistrib
             moves[name] = Move(name, GATHER, STORAGE_GROUP, len(groups[0]), t.spec, c.spec, extra=not fast)
         else:
             moves[name] = Move(name, GATHER, WORLD_GROUP, world, t.spec, c.spec, extra=True)
+    swapped = _swap_layers(layout, compute, config, plan, stored, moves, groups)
     # Slices are read straight from the checkpoint: the loader fetches the compute shard only. A tied
     # parameter follows its source.
     for name, m in moves.items():
@@ -223,4 +271,95 @@ def redistribution(layout: Layout, config: ModelConfig, plan: Plan) -> Redistrib
                                     shards=compute.tensors[name].shards)
             if m.kind != SLICE:
                 moves[name] = replace(m, kind=SLICE)
-    return Redistribution(replace(layout, tensors=tensors), compute, moves)
+    return Redistribution(replace(layout, tensors=tensors), compute, moves, swapped)
+
+
+def _layer_kind(name: str, compute_spec: Spec, plan: Plan, layout: Layout, embedding: str | None) -> str | None:
+    """The swap a linear weight could take: row-parallel for a column-parallel weight (output rows split, input
+    read whole), column-parallel for a row-parallel one; None for anything else (embeddings, norms, biases)."""
+    t = layout.tensors[name]
+    if len(t.shape) != 2 or not name.endswith(".weight"):
+        return None
+    module = name[: -len(".weight")]
+    if embedding and (module == embedding or module.endswith("." + embedding)):
+        return None
+    kinds = tuple(plan.splits_for(name)) + (None, None)
+    if compute_spec == (TENSOR_AXIS, None) and kinds[0] is not None and kinds[1] is None:
+        return ROW_PARALLEL
+    if compute_spec == (None, TENSOR_AXIS) and kinds[0] is None and kinds[1] is not None:
+        return COLUMN_PARALLEL
+    return None
+
+
+def _gathered_output(layout: Layout, module: str) -> bool:
+    """Whether ``module``'s output is gathered whole (the family's output module, or a ``[null, ...]`` rule)."""
+    return module == layout.output or any(
+        Rule(p, s).regex.match(module) and all(e is None for e in s) for p, s in layout.activations.items())
+
+
+def swap_cost(kind: str, layout: Layout, compute: Layout, swapped: Layout, name: str, group: int) -> int:
+    """Elements one rank sends per decode step of one token for a swapped linear, in the planner's ring model.
+
+    Row-parallel: the all-reduce of the output, 2(T-1)/T of it, less the all-gather of a gathered output it
+    makes unneeded. Column-parallel: all-gathers of the input and of the output, (T-1)/T of each, less the
+    row-parallel all-reduce it replaces. Plus the storage group's gather of the weight piece, if any.
+    """
+    tp = layout.mesh.size(TENSOR_AXIS)
+    c, piece = compute.tensors[name], swapped.tensors[name]
+    out, _ = c.shape
+    if kind == ROW_PARALLEL:
+        cost = 2 * (tp - 1) * out / tp
+        if _gathered_output(layout, name[: -len(".weight")]):
+            cost -= (tp - 1) * c.shards[0].local_shape[0]
+    else:
+        cost = (tp - 1) * (c.shards[0].local_shape[1] + piece.shards[0].local_shape[0]) - 2 * (tp - 1) * out / tp
+    held = math.prod(layout.tensors[name].shards[0].local_shape)
+    return round(cost + (group - 1) * held)
+
+
+def _swap_layers(layout: Layout, compute: Layout, config: ModelConfig, plan: Plan, stored: dict[str, tuple],
+                 moves: dict[str, Move], groups: list[tuple[int, ...]]) -> Layout | None:
+    """Swap the linears whose weights would be gathered whole where computing as stored costs less.
+
+    Only extra gathers are considered: the fast path (and fsdp's own gathers) keep their code. A weight
+    qualifies when it is a column- or row-parallel linear's, stored split over ``tensor`` on the other
+    dimension (its storage spec without storage axes is the transposed split), and its stored piece, or its
+    storage group's pieces, cover that split's shard on every rank.
+    """
+    mesh = layout.mesh
+    if TENSOR_AXIS not in mesh.axis_names or mesh.size(TENSOR_AXIS) == 1:
+        return None
+    from .families import family
+
+    try:
+        embedding = family(config.family).roles.get("embedding")
+    except ShardwiseError:  # a model with no registered family (custom/): nothing to swap by role
+        embedding = None
+    kinds: dict[str, str] = {}
+    for name, m in moves.items():
+        if m.kind != GATHER or not m.extra:
+            continue
+        kind = _layer_kind(name, compute.tensors[name].spec, plan, layout, embedding)
+        want = (None, TENSOR_AXIS) if kind == ROW_PARALLEL else (TENSOR_AXIS, None)
+        if kind is not None and _tensor_only(layout.tensors[name].spec, layout) == want:
+            if kind == ROW_PARALLEL and _gathered_output(layout, name[: -len(".weight")]) \
+                    and f"{name[: -len('.weight')]}.bias" in layout.tensors:
+                continue  # a gathered output would need the whole bias: keep the gather
+            kinds[name] = kind
+    if not kinds:
+        return None
+    weights = [Rule(n, _tensor_only(t.spec, layout), required=False) for n, t in layout.tensors.items()]
+    swapped = compute_layout(stored, config, replace(plan, rules=tuple(weights)), mesh)
+    world = mesh.world_size
+    for name, kind in kinds.items():
+        t, piece, m = layout.tensors[name], swapped.tensors[name], moves[name]
+        if t.shards == piece.shards:
+            new = replace(m, kind=NONE, group=None, group_size=1, extra=False, layer=kind)
+        elif all(covers([t.shards[p] for p in groups[r]], piece.shards[r]) for r in range(world)):
+            new = replace(m, group=STORAGE_GROUP, group_size=len(groups[0]), extra=False, layer=kind)
+        else:
+            continue
+        if swap_cost(kind, layout, compute, swapped, name, new.group_size) <= \
+                m.group_size * math.prod(t.shards[0].local_shape) * (m.group_size - 1) / m.group_size:
+            moves[name] = new
+    return swapped if any(m.layer for m in moves.values()) else None

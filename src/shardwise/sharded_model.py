@@ -149,10 +149,10 @@ def load_sharded(
     if redistributed:
         # The modules take the compute layout's shapes; pieces stored otherwise are sliced at load or
         # gathered on use (redistribute.py). Over storage axes, the parallel layers run in the tensor group.
-        if comm.rank == 0 and any(m.extra or m.kind == "slice" for m in red.moves.values()):
+        if comm.rank == 0 and any(m.extra or m.kind == "slice" or m.layer for m in red.moves.values()):
             log.info("Redistributing: %s", red.summary(torch.tensor([], dtype=torch_dtype).element_size()))
         groups = axis_groups(mesh, comm.rank, comm) if storage_axes(mesh) else None
-        parallelize(model, red.compute, comm.rank, groups.tensor if groups else comm)
+        parallelize(model, red.compute, comm.rank, groups.tensor if groups else comm, red)
         assign_redistributed(model, state, red, comm.rank, comm, groups.storage if groups else None)
         layout = red.storage
     else:
