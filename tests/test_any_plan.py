@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from shardwise.capacity import estimate_capacity
+from shardwise.plan import generic_name
 
 PLANS = {
     "builtin": None,
@@ -76,14 +77,53 @@ lm_head.weight: [[fsdp, tensor], null]
 """,
 }
 
+# The built-in plan, to change one weight at a time: a linear stored split over `tensor` on the dimension
+# its layer does not compute with runs as stored (redistribute.py: row-parallel q/k/v/gate/up/lm_head,
+# column-parallel o/down), next to partners that run the built-in way.
+BUILTIN = {
+    "model.embed_tokens.weight": "[tensor, null]",
+    "model.layers.*.self_attn.q_proj.weight": "[tensor, null]",
+    "model.layers.*.self_attn.k_proj.weight": "[tensor, null]",
+    "model.layers.*.self_attn.v_proj.weight": "[tensor, null]",
+    "model.layers.*.self_attn.o_proj.weight": "[null, tensor]",
+    "model.layers.*.mlp.gate_proj.weight": "[tensor, null]",
+    "model.layers.*.mlp.up_proj.weight": "[tensor, null]",
+    "model.layers.*.mlp.down_proj.weight": "[null, tensor]",
+    "lm_head.weight": "[tensor, null]",
+    "lm_head": "[null, null, null]",
+}
+
+
+def _builtin_with(changes: dict[str, str]) -> str:
+    """The built-in plan with some rules changed (``q_proj.weight`` for the layers' rule)."""
+    def full(short: str) -> str:
+        layer = "self_attn" if short[0] in "qkvo" else "mlp"
+        return short if short.startswith(("lm_head", "model.")) else f"model.layers.*.{layer}.{short}"
+
+    rules = dict(BUILTIN, **{full(k): v for k, v in changes.items()})
+    return "".join(f"{k}: {v}\n" for k, v in rules.items())
+
+
+_IN, _OUT = "[null, tensor]", "[tensor, null]"
+SWAPPED = {
+    "q_in": _builtin_with({"q_proj.weight": _IN}),
+    "kv_gate_up_in": _builtin_with({f"{p}.weight": _IN for p in ("k_proj", "v_proj", "gate_proj", "up_proj")}),
+    "head_in": _builtin_with({"model.embed_tokens.weight": _IN, "lm_head.weight": _IN}),
+    "o_out": _builtin_with({"o_proj.weight": _OUT}),
+    "down_out": _builtin_with({"down_proj.weight": _OUT}),
+    "fsdp_in": _builtin_with({**{f"{p}.weight": "[fsdp, tensor]" for p in ("q_proj", "k_proj", "v_proj", "gate_proj",
+                                                                          "up_proj", "lm_head", "model.embed_tokens")},
+                              "o_proj.weight": "[tensor, fsdp]", "down_proj.weight": "[tensor, fsdp]"}),
+}
+
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11]]
 NEW_TOKENS = 5
 
 
-def _plan_files(tmp_path, mesh: str) -> dict[str, str | None]:
+def _plan_files(tmp_path, mesh: str, plans: dict[str, str | None] = PLANS) -> dict[str, str | None]:
     """The plans as files; on a data x tensor mesh the storage axis is called data."""
     out: dict[str, str | None] = {}
-    for key, text in PLANS.items():
+    for key, text in plans.items():
         if text is None:
             out[key] = None
             continue
@@ -97,6 +137,7 @@ def _rank_generate(rank, world, model_path, plans, mesh, out_dir, prompts):
     from shardwise.generation import generate
     from shardwise.parallel.comm import Collectives
     from shardwise.parallel.fsdp import StorageGather
+    from shardwise.parallel.swapped import InputSplitLinear, OutputSplitLinear
     from shardwise.plan import resolve_plan
     from shardwise.sharded_model import load_sharded
 
@@ -127,6 +168,8 @@ def _rank_generate(rank, world, model_path, plans, mesh, out_dir, prompts):
         gen = generate(sharded.module, prompts, NEW_TOKENS, 0, (), comm=sharded.comm, keep_logits=True)
         results[key] = {"tokens": gen.tokens, "logits": gen.step_logits, "held": sharded.stats.bytes_held,
                         "gathers_per_forward": calls["gather"] / max(1, calls["forward"]),
+                        "swapped": sorted({f"{type(m).__name__} {n}" for n, m in sharded.module.named_modules()
+                                           if isinstance(m, (InputSplitLinear, OutputSplitLinear))}),
                         "sent_per_token": (sent["bytes"] - prefill) / (NEW_TOKENS - 1)}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
@@ -157,6 +200,9 @@ def _check(model_path, tmp_path, mesh, reference, plans, prompts=PROMPTS):
             (mesh, key, [r[key]["sent_per_token"] for r in ranks], report.sent_per_rank)
         gathers = sum(c.count for c in report.collectives if c.what.split(": ")[1].startswith(("stored", "weight")))
         assert all(r[key]["gathers_per_forward"] == gathers for r in ranks), (mesh, key, gathers)
+        # The linears the planner computes swapped (their activation collectives) are the ones the ranks built.
+        planned = {c.what.split(": ")[0] for c in report.collectives if ": computed " in c.what}
+        assert {generic_name(n.split()[1]) for n in got["swapped"]} == planned, (mesh, key)
     return ranks
 
 
@@ -186,3 +232,44 @@ def test_smollm2_torchprime_plans_on_fsdp_by_tensor(smollm2, tmp_path):
     plans = {k: v for k, v in _plan_files(tmp_path, "fsdp=2,tensor=2").items()
              if k == "torchprime_fsdp_tp"}
     _check(smollm2, tmp_path, "fsdp=2,tensor=2", reference, plans, prompts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["fsdp=1,tensor=2", "fsdp=2,tensor=2"])
+def test_linears_stored_on_their_other_dimension_compute_as_stored(tiny_models, tmp_path, reference, mesh):
+    """q/k/v/gate/up/lm_head stored split by input columns compute row-parallel, o/down stored split by output
+    rows compute column-parallel (over fsdp x tensor after fsdp's own gather): no weight crosses every rank,
+    and the tokens are those of one process."""
+    ranks = _check(tiny_models["gqa9_tied"], tmp_path, mesh, reference["builtin"],
+                   _plan_files(tmp_path, mesh, SWAPPED))
+    names = {key: ranks[0][key]["swapped"] for key in SWAPPED}
+    assert names["q_in"] == [f"InputSplitLinear model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    assert names["o_out"] == [f"OutputSplitLinear model.layers.{i}.self_attn.o_proj" for i in (0, 1)]
+    assert names["down_out"] == [f"OutputSplitLinear model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    assert names["head_in"] == ["InputSplitLinear lm_head"]
+    assert len(names["kv_gate_up_in"]) == 2 * 4
+    assert len(names["fsdp_in"]) == 2 * 7 + 1  # every projection of both layers, and lm_head
+
+ALL_SWAPPED = _builtin_with({**{f"{p}.weight": _IN for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
+                                                              "lm_head")},
+                             "o_proj.weight": _OUT, "down_proj.weight": _OUT})
+SEQUENCE_PARALLEL = """model.embed_tokens: [null, tensor, null]
+model.layers.*.self_attn.o_proj: [null, tensor, null]
+model.layers.*.mlp.down_proj: [null, tensor, null]
+model.layers.*.input_layernorm: [null, tensor, null]
+model.layers.*.post_attention_layernorm: [null, tensor, null]
+model.layers.*: [null, tensor, null]
+model.norm: [null, null, null]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "mesh"), [("llama3_rope", "tensor=3"), ("qwen2_bias", "tensor=4")])
+def test_swapped_linears_with_padding_and_biases(tiny_models, tmp_path, model, mesh):
+    """Every projection swapped where sizes do not divide (llama3_rope at 3: hidden 64 and intermediate 100
+    padded, 8/2 heads replicated or padded) and with q/k/v biases and padded heads (qwen2_bias at 4: 6/2 heads),
+    with sequence parallelism too: the tokens of one process, the planner's bytes."""
+    reference = _run(tiny_models[model], {"builtin": None}, "tensor=1", tmp_path / "one")[0]["builtin"]
+    plans = {"all_swapped": ALL_SWAPPED, "all_swapped_sp": ALL_SWAPPED + SEQUENCE_PARALLEL}
+    ranks = _check(tiny_models[model], tmp_path, mesh, reference, _plan_files(tmp_path, mesh, plans))
+    assert all(len(ranks[0][key]["swapped"]) == 2 * 7 + 1 for key in plans)
