@@ -225,8 +225,8 @@ def test_every_plan_generates_what_one_process_does(tiny_models, tmp_path, refer
 def test_smollm2_torchprime_plans_on_fsdp_by_tensor(smollm2, tmp_path):
     """The real model (tied embeddings, 9 heads / 3 KV heads) under torchprime's 2-D file at fsdp=2 x tensor=2.
 
-    (The Qwen-style file gathers every weight over all four ranks at every step: the tiny models cover
-    it, at a cost this test suite can afford.)"""
+    (The Qwen-style file's projections compute as stored, after fsdp's gathers; its embedding is gathered over
+    all four ranks at every step: the tiny models cover it.)"""
     prompts = [[1, 504, 3458, 282, 4649, 314, 7042, 47]]
     reference = _run(smollm2, {"builtin": None}, "tensor=1", tmp_path / "one", prompts)[0]["builtin"]
     plans = {k: v for k, v in _plan_files(tmp_path, "fsdp=2,tensor=2").items()

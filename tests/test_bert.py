@@ -120,6 +120,33 @@ def test_masked_lm_predicts_what_transformers_predicts(tmp_path):
 
 
 @pytest.mark.slow
+def test_masked_lm_with_linears_computed_as_stored(tmp_path):
+    """BERT's projections stored split on the dimension their layers do not compute with (biases on both kinds)
+    compute row- and column-parallel as stored (redistribute.py) and predict what the built-in plan predicts."""
+    path = _tiny_bert(tmp_path, "BertForMaskedLM")
+    prompts = ["w1 [MASK] w3", "w9 w8 [MASK] w6 [MASK]"]
+    layer = "bert.encoder.layer.*."
+    sets = [f"{layer}attention.self.query.weight=[null, tensor]", f"{layer}attention.self.value.weight=[null, tensor]",
+            f"{layer}attention.output.dense.weight=[tensor, null]", f"{layer}intermediate.dense.weight=[null, tensor]",
+            f"{layer}output.dense.weight=[tensor, null]"]
+    from shardwise.config import load_config
+    from shardwise.plan import resolve_plan
+    from shardwise.redistribute import redistribution
+
+    config = load_config(path)
+    plan = resolve_plan(config.family, None, sets, mesh="tensor=2")
+    red = redistribution(shardwise.model_layout(path, plan=plan, mesh=plan.mesh()), config, plan)
+    assert sorted(m.layer for m in red.layers()) == ["column-parallel"] * 4 + ["row-parallel"] * 6
+    assert not red.gathers()
+    runs = [shardwise.run(shardwise.RunOptions(model_path=str(path), tp_degree=2, prompts=prompts, batch_size=2,
+                                               overrides=o)) for o in ([], sets)]
+    builtin, swapped = ([[[t for t, _ in top] for top in row] for row in r.outputs.values] for r in runs)
+    assert swapped == builtin
+    probs = [torch.tensor([[p for _, p in top] for top in row]) for r in runs for row in r.outputs.values]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(probs[:2], probs[2:]))
+
+
+@pytest.mark.slow
 def test_cli_task_type_before_run_prints_embeddings(minilm, capsys):
     from shardwise.cli import main
 
