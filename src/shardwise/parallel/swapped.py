@@ -39,7 +39,12 @@ def _pick(x: torch.Tensor, picker: tuple[int, int, int] | torch.Tensor) -> torch
         start, length, zeros = picker
         x = x.narrow(-1, start, length)
         return F.pad(x, (0, zeros)) if zeros else x
-    return F.pad(x, (0, 1)).index_select(-1, picker.to(x.device))
+    return F.pad(x, (0, 1)).index_select(-1, picker)
+
+
+def _on(index, device: torch.device):
+    """``index`` (a picker or positions) on ``device``: moved once, not at every forward."""
+    return index.to(device) if isinstance(index, torch.Tensor) and index.device != device else index
 
 
 class InputSplitLinear(ColumnParallelLinear):
@@ -67,6 +72,7 @@ class InputSplitLinear(ColumnParallelLinear):
         self.take_output = _picker(local_index, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.take_input, self.take_output = _on(self.take_input, x.device), _on(self.take_output, x.device)
         y = self.comm.all_reduce(F.linear(_pick(x, self.take_input), self.weight))
         if self.gather_output:
             return y
@@ -105,9 +111,10 @@ class OutputSplitLinear(nn.Module):
 
     def _place(self, x: torch.Tensor, positions: torch.Tensor | None, size: int) -> torch.Tensor:
         x = self.comm.all_gather(x.contiguous(), dim=-1)
-        return x.index_select(-1, positions.to(x.device)) if positions is not None else x[..., :size]
+        return x.index_select(-1, positions) if positions is not None else x[..., :size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.in_positions, self.out_positions = _on(self.in_positions, x.device), _on(self.out_positions, x.device)
         y = F.linear(self._place(x, self.in_positions, self.in_features), self.weight)
         y = self._place(y, self.out_positions, self.out_features)
         return y + self.bias if self.bias is not None else y
