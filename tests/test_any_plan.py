@@ -247,6 +247,8 @@ def test_linears_stored_on_their_other_dimension_compute_as_stored(tiny_models, 
     assert names["o_out"] == [f"OutputSplitLinear model.layers.{i}.self_attn.o_proj" for i in (0, 1)]
     assert names["down_out"] == [f"OutputSplitLinear model.layers.{i}.mlp.down_proj" for i in (0, 1)]
     assert names["head_in"] == ["InputSplitLinear lm_head"]
+    # The tied table looks up its hidden columns from the same piece: no weight moves at all.
+    assert all(r["head_in"]["gathers_per_forward"] == 0 for r in ranks)
     assert len(names["kv_gate_up_in"]) == 2 * 4
     assert len(names["fsdp_in"]) == 2 * 7 + 1  # every projection of both layers, and lm_head
 

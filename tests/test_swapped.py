@@ -49,8 +49,13 @@ def _move(red, name):
     (["model.layers.*.self_attn.o_proj.weight=[tensor, null]"], "tensor=2", {OPROJ: ("none", None, "column-parallel")}),
     (["model.layers.*.mlp.down_proj.weight=[tensor, fsdp]"], "fsdp=2,tensor=2",
      {DOWN: ("gather", "storage", "column-parallel")}),
-    # Tied: lm_head computes row-parallel from the shared piece; the embedding still needs its rows whole.
+    # Tied: lm_head computes row-parallel from the shared piece, the embedding looks up its hidden columns.
     (["model.embed_tokens.weight=[null, tensor]", "lm_head.weight=[null, tensor]"], "tensor=2",
+     {HEAD: ("none", None, "row-parallel"), EMBED: ("none", None, "hidden-parallel")}),
+    (["model.embed_tokens.weight=[fsdp, tensor]", "lm_head.weight=[fsdp, tensor]"], "fsdp=2,tensor=2",
+     {HEAD: ("gather", "storage", "row-parallel"), EMBED: ("gather", "storage", "hidden-parallel")}),
+    # Hidden 72 over 5 does not divide: the lookup's gather would need padding, so the table is gathered.
+    (["model.embed_tokens.weight=[null, tensor]", "lm_head.weight=[null, tensor]"], "tensor=5",
      {HEAD: ("none", None, "row-parallel"), EMBED: ("gather", "world", None)}),
     # The storage group's pieces (quarters 2t' + t) do not make the tensor half of the columns: gathered.
     (["model.layers.*.self_attn.q_proj.weight=[null, [fsdp, tensor]]"], "fsdp=2,tensor=2",

@@ -23,7 +23,7 @@ from .families import family, state_dict_shapes
 from .layout import Layout, _show, compute_layout
 from .mesh import Mesh
 from .plan import TENSOR_AXIS, generic_name, resolve_plan, spec_axes
-from .redistribute import COLUMN_PARALLEL, ROW_PARALLEL, WORLD_GROUP, Redistribution, redistribution
+from .redistribute import COLUMN_PARALLEL, HIDDEN_PARALLEL, ROW_PARALLEL, WORLD_GROUP, Redistribution, redistribution
 from .topology import HOST, P2P, load_partition_config, ring_link
 
 # Assumed link figures for the collective-time estimate (override with --p2p-gbps etc.). They are
@@ -421,6 +421,9 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
                 f"{_show(move.stored)}: input gathered", extra=True)
             add("all-gather", token * piece.local_shape[0] * tp, f"{short}: computed column-parallel as stored "
                 f"{_show(move.stored)}: output rows gathered", extra=True)
+        elif move is not None and move.layer == HIDDEN_PARALLEL:  # replaces the vocabulary-parallel sum
+            add("all-gather", token * t.shape[1], f"{short}: hidden-parallel lookup as stored {_show(move.stored)}, "
+                "gathered", extra=True)
         elif module in by_sequence and (split == [1] or module == family(config.family).roles.get("embedding")):
             add("reduce-scatter", token * config.hidden_size, f"{short}: partial sums reduce-scattered by sequence")
         elif module == family(config.family).role("embedding"):

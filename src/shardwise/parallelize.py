@@ -18,7 +18,7 @@ from .parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParalle
 from .parallel.sequence import apply_sequence_parallel
 from .parallel.swapped import InputSplitLinear, OutputSplitLinear
 from .plan import TENSOR_AXIS, Rule, module_names, spec_axes
-from .redistribute import ROW_PARALLEL, Redistribution
+from .redistribute import HIDDEN_PARALLEL, ROW_PARALLEL, Redistribution
 
 
 def _output_replicated(layout: Layout, module_name: str) -> bool:
@@ -116,7 +116,10 @@ def parallelize(model: nn.Module, layout: Layout, rank: int, comm: Collectives,
             new = _swap_linear(name, module, t, layout, rank, comm, red)
         elif isinstance(module, nn.Embedding):
             shard = t.shards[rank]
-            if t.split_dims == (0,):
+            if red is not None and red.moves[t.name].layer == HIDDEN_PARALLEL:  # looked up as stored
+                new = ParallelEmbedding(module.num_embeddings, module.embedding_dim, comm, 1,
+                                        local_size=red.target(t.name).shards[rank].local_shape[1], device="meta")
+            elif t.split_dims == (0,):
                 real = [s for s in shard.dims[0] if s.start is not None]
                 rows = (real[0].start, real[0].start + real[0].length) if real else (0, 0)
                 new = ParallelEmbedding(module.num_embeddings, module.embedding_dim, comm, 0, rows,

@@ -19,7 +19,8 @@ A linear weight stored split over ``tensor`` on the *other* dimension than its l
 ``o_proj`` stored ``[tensor, null]``) need not be gathered whole over every rank: the layer computes
 with the split it is stored in instead (``Move.layer``; ``parallel/swapped.py``), its weight piece
 being the stored piece (``none``) or the storage group's pieces gathered (``gather`` over the storage
-group, fsdp's own cost):
+group, fsdp's own cost). So does an embedding table whose compute spec is vocabulary rows only because it
+is tied to an lm_head stored ``[null, tensor]``: it looks up its hidden columns (**hidden-parallel**).
 
 * **row-parallel** (a column-parallel weight split by input columns): each rank slices its columns
   of the whole input, multiplies by its piece, the partial products are summed over ``tensor`` (one
@@ -59,6 +60,7 @@ from .plan import TENSOR_AXIS, Plan, Rule, Spec, builtin_plan, spec_axes
 NONE, SLICE, GATHER = "none", "slice", "gather"
 STORAGE_GROUP, WORLD_GROUP = "storage", "world"
 ROW_PARALLEL, COLUMN_PARALLEL = "row-parallel", "column-parallel"  # Move.layer: the linear computes swapped
+HIDDEN_PARALLEL = "hidden-parallel"  # Move.layer: the embedding looks up hidden columns as stored
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,14 @@ class Redistribution:
         line = (f"the plan stores {len(extra)} weight(s) split in ways the parallel layers do not compute with: "
                 f"{len(extra)} extra all-gather(s) per forward, {nbytes / 1e6:.3f} MB gathered per rank per step"
                 + (f" ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else ""))
-        for kind, how in ((ROW_PARALLEL, "one all-reduce of the output each"),
-                          (COLUMN_PARALLEL, "an all-gather of the input and one of the output each")):
+        for kind, what, how in ((ROW_PARALLEL, "linear(s) computed row-parallel", "one all-reduce of the output each"),
+                                (COLUMN_PARALLEL, "linear(s) computed column-parallel",
+                                 "an all-gather of the input and one of the output each"),
+                                (HIDDEN_PARALLEL, "embedding(s) looked up by hidden columns",
+                                 "an all-gather of the output instead of the all-reduce")):
             swapped = sorted({_generic(m.name) for m in self.layers() if m.layer == kind})
             if swapped:
-                line += (f"; {len(swapped)} linear(s) computed {kind} as stored instead of gathered ({how}: "
+                line += (f"; {len(swapped)} {what} as stored instead of gathered ({how}: "
                          f"{', '.join(swapped[:4])}{', ...' if len(swapped) > 4 else ''})")
         return line + (f"; {len(sliced)} weight(s) sliced locally at load" if sliced else "")
 
@@ -281,9 +286,11 @@ def _layer_kind(name: str, compute_spec: Spec, plan: Plan, layout: Layout, embed
     if len(t.shape) != 2 or not name.endswith(".weight"):
         return None
     module = name[: -len(".weight")]
-    if embedding and (module == embedding or module.endswith("." + embedding)):
-        return None
     kinds = tuple(plan.splits_for(name)) + (None, None)
+    if embedding and (module == embedding or module.endswith("." + embedding)):
+        # A vocabulary-parallel table stored split by hidden columns, where the layer can look those up.
+        even = kinds[1] is not None and t.shape[1] % layout.mesh.size(TENSOR_AXIS) == 0
+        return HIDDEN_PARALLEL if compute_spec == (TENSOR_AXIS, None) and even else None
     if compute_spec == (TENSOR_AXIS, None) and kinds[0] is not None and kinds[1] is None:
         return ROW_PARALLEL
     if compute_spec == (None, TENSOR_AXIS) and kinds[0] is None and kinds[1] is not None:
@@ -302,7 +309,8 @@ def swap_cost(kind: str, layout: Layout, compute: Layout, swapped: Layout, name:
 
     Row-parallel: the all-reduce of the output, 2(T-1)/T of it, less the all-gather of a gathered output it
     makes unneeded. Column-parallel: all-gathers of the input and of the output, (T-1)/T of each, less the
-    row-parallel all-reduce it replaces. Plus the storage group's gather of the weight piece, if any.
+    row-parallel all-reduce it replaces. Hidden-parallel (an embedding): the all-gather of the looked-up
+    vector less the vocabulary-parallel sum. Plus the storage group's gather of the weight piece, if any.
     """
     tp = layout.mesh.size(TENSOR_AXIS)
     c, piece = compute.tensors[name], swapped.tensors[name]
@@ -311,8 +319,11 @@ def swap_cost(kind: str, layout: Layout, compute: Layout, swapped: Layout, name:
         cost = 2 * (tp - 1) * out / tp
         if _gathered_output(layout, name[: -len(".weight")]):
             cost -= (tp - 1) * c.shards[0].local_shape[0]
-    else:
+    elif kind == COLUMN_PARALLEL:
         cost = (tp - 1) * (c.shards[0].local_shape[1] + piece.shards[0].local_shape[0]) - 2 * (tp - 1) * out / tp
+    else:  # the hidden vector gathered instead of the vocabulary-parallel lookup's sum
+        hidden = c.shape[1]
+        cost = (tp - 1) * piece.shards[0].local_shape[1] - 2 * (tp - 1) * hidden / tp
     held = math.prod(layout.tensors[name].shards[0].local_shape)
     return round(cost + (group - 1) * held)
 
@@ -340,7 +351,7 @@ def _swap_layers(layout: Layout, compute: Layout, config: ModelConfig, plan: Pla
         if m.kind != GATHER or not m.extra:
             continue
         kind = _layer_kind(name, compute.tensors[name].spec, plan, layout, embedding)
-        want = (None, TENSOR_AXIS) if kind == ROW_PARALLEL else (TENSOR_AXIS, None)
+        want = (TENSOR_AXIS, None) if kind == COLUMN_PARALLEL else (None, TENSOR_AXIS)
         if kind is not None and _tensor_only(layout.tensors[name].spec, layout) == want:
             if kind == ROW_PARALLEL and _gathered_output(layout, name[: -len(".weight")]) \
                     and f"{name[: -len('.weight')]}.bias" in layout.tensors:
