@@ -280,8 +280,9 @@ def redistribution(layout: Layout, config: ModelConfig, plan: Plan) -> Redistrib
 
 
 def _layer_kind(name: str, compute_spec: Spec, plan: Plan, layout: Layout, embedding: str | None) -> str | None:
-    """The swap a linear weight could take: row-parallel for a column-parallel weight (output rows split, input
-    read whole), column-parallel for a row-parallel one; None for anything else (embeddings, norms, biases)."""
+    """The swap a weight's layer could take: row-parallel for a column-parallel weight (output rows split, input
+    read whole), column-parallel for a row-parallel one, hidden-parallel for a vocabulary-parallel embedding
+    table whose hidden size divides the ``tensor`` axis; None for anything else (norms, biases)."""
     t = layout.tensors[name]
     if len(t.shape) != 2 or not name.endswith(".weight"):
         return None
@@ -330,12 +331,13 @@ def swap_cost(kind: str, layout: Layout, compute: Layout, swapped: Layout, name:
 
 def _swap_layers(layout: Layout, compute: Layout, config: ModelConfig, plan: Plan, stored: dict[str, tuple],
                  moves: dict[str, Move], groups: list[tuple[int, ...]]) -> Layout | None:
-    """Swap the linears whose weights would be gathered whole where computing as stored costs less.
+    """Swap the layers whose weights would be gathered whole where computing as stored costs less.
 
     Only extra gathers are considered: the fast path (and fsdp's own gathers) keep their code. A weight
-    qualifies when it is a column- or row-parallel linear's, stored split over ``tensor`` on the other
-    dimension (its storage spec without storage axes is the transposed split), and its stored piece, or its
-    storage group's pieces, cover that split's shard on every rank.
+    qualifies when it is a column- or row-parallel linear's (or a vocabulary-parallel embedding table's),
+    stored split over ``tensor`` on the other dimension (its storage spec without storage axes is the
+    transposed split), and its stored piece, or its storage group's pieces, cover that split's shard on
+    every rank. Returns the layout of those pieces (every weight's storage spec without storage axes).
     """
     mesh = layout.mesh
     if TENSOR_AXIS not in mesh.axis_names or mesh.size(TENSOR_AXIS) == 1:
