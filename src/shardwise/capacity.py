@@ -118,10 +118,17 @@ class CapacityReport:
     link: str  # the link this mesh's ring uses: p2p or host
     links: Links
     uncovered: list[str] = field(default_factory=list)
+    rank_batch: int | None = None  # rows one rank carries when the plan divides the batch among replicas
 
     @property
     def fits(self) -> bool:
         return all(r.fits for r in self.ranks)
+
+    @property
+    def batch_shown(self) -> str:
+        if self.rank_batch is None or self.rank_batch == self.batch_size:
+            return f"batch {self.batch_size}"
+        return f"batch {self.batch_size}, {self.rank_batch} per replica"
 
     def comm_seconds(self, kind: str) -> float:
         bw, lat = self.links.figures(kind)
@@ -141,7 +148,8 @@ class CapacityReport:
         return {
             "model": self.model, "shapes_from": self.shapes_from,
             "mesh": dict(zip(self.mesh.axis_names, self.mesh.axis_sizes)), "world_size": self.mesh.world_size,
-            "dtype": self.dtype, "batch_size": self.batch_size, "seq_len": self.seq_len,
+            "dtype": self.dtype, "batch_size": self.batch_size, "rank_batch": self.rank_batch or self.batch_size,
+            "seq_len": self.seq_len,
             "memory_source": self.memory_source, "fits": self.fits,
             "ranks": [{**asdict(r), "total_bytes": r.total_bytes, "fits": r.fits} for r in self.ranks],
             "per_token": {
@@ -159,7 +167,7 @@ class CapacityReport:
         n = self.mesh.world_size
         lines = [
             f"Model {self.model} (shapes from {self.shapes_from}); mesh {self.mesh.describe()} ({n} rank"
-            f"{'s' if n != 1 else ''}); {self.dtype}; batch {self.batch_size} x seq_len {self.seq_len}",
+            f"{'s' if n != 1 else ''}); {self.dtype}; {self.batch_shown} x seq_len {self.seq_len}",
             f"Memory per rank: {self.memory_source}",
             "",
             f"{'ranks':<10} {'device':<8} {'params':>10} {'KV cache':>10} {'activations':>11} {'total':>10} "
@@ -171,7 +179,7 @@ class CapacityReport:
                          f"{_gib(r.activation_bytes):>11} {_gib(r.total_bytes):>10} {_gib(r.memory_bytes):>10}  "
                          f"{'yes' if r.fits else 'NO'}")
         lines += ["", f"Fits: {'yes' if self.fits else 'NO'}", "",
-                  f"Collectives per generated token (batch {self.batch_size}; rings over the ranks of one axis "
+                  f"Collectives per generated token ({self.batch_shown}; rings over the ranks of one axis "
                   "group):"]
         if not self.collectives:
             lines.append("  none")
@@ -204,8 +212,8 @@ ACTIVATION_NOTE = (
     "autograd state): hidden states (4 x hidden), this rank's q/k/v columns and MLP intermediate (3 x), "
     "attention scores batch x local heads x seq_len^2 and the boolean mask, in the compute dtype; plus "
     "float32 logits of the last position (local and gathered); plus, with weights stored split over fsdp, one "
-    "decoder layer's weights gathered. Fused attention kernels need less. A batch split over fsdp by the "
-    "plan's model.layers.* rule counts per rank.")
+    "decoder layer's weights gathered. Fused attention kernels need less. A batch the plan splits over "
+    "fsdp/data is divided among the replicas: KV cache, activations and collectives count one replica's rows.")
 
 
 def _gib(n: float) -> str:
@@ -331,7 +339,7 @@ def estimate_capacity(
         memory_source = f"this machine's RAM ({total / GIB:.1f} GiB MemTotal in /proc/meminfo) / {n} ranks"
     devices = [f"cuda:{i}" for i in (device_ids or range(n))] if cuda else ["cpu"] * n
     fam = family(config.family)
-    batch = _local_batch(layout, batch_size, fam.role("layer"))
+    batch = _local_batch(layout, batch_size)
     ranks = []
     for r in range(n):
         params = red.storage.rank_bytes(r, itemsize)
@@ -341,14 +349,15 @@ def estimate_capacity(
                                                                             itemsize), memory[r]))
     uncovered = sorted({generic_name(u) for u in red.storage.uncovered})
     return CapacityReport(str(model_path), shapes_from, mesh, dtype_name, batch_size, seq_len, memory_source, ranks,
-                      _collectives(red, config, batch, itemsize), link, links, uncovered)
+                      _collectives(red, config, batch, itemsize), link, links, uncovered, batch)
 
 
-def _local_batch(layout: Layout, batch: int, layer: str) -> int:
-    """The batch one rank carries: the whole batch. A rule splitting decoder-layer outputs' batch over fsdp
-    places them split at the boundary (an extra all-gather, listed), but every replica still generates
-    the whole batch."""
-    return batch
+def _local_batch(layout: Layout, batch: int) -> int:
+    """The batch one rank carries: its replica's share when the plan divides the batch among replicas
+    (``parallel/data.py``: ``ceil(batch / replicas)`` rows, placeholders included), else the whole batch."""
+    from .parallel.data import batch_axes, local_batch, replicas
+
+    return local_batch(batch, replicas(layout.mesh, batch_axes(layout)))
 
 
 def _activation_bytes(red: Redistribution, config: ModelConfig, rank: int, batch: int, seq: int,

@@ -107,6 +107,7 @@ class RunResult:
     report_path: str | None = None
     task: str = "causal-lm"
     speculation: dict | None = None  # acceptance rate, tokens per target forward, speed-up (with --benchmark)
+    rows_per_rank: list[int] | None = None  # a batch divided among replicas: the real rows each rank generated
     outputs: object = None  # encoder tasks: encoders.EncoderOutput (embeddings, class scores, mask predictions)
     partitions: dict[str, RunResult] = field(default_factory=dict)  # several partitions: each one's job
 
@@ -137,9 +138,17 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     if buckets is not None and speculation is not None:
         log.info("--enable-bucketing applies to plain decoding; speculation runs at the prompts' own lengths")
 
+    def one(batch: list[list[int]], new_tokens: int, keep: bool) -> Generated:
+        if sharded.batch_split is not None:  # the plan divides the batch among replicas (parallel/data.py)
+            from .parallel.data import generate_split
+
+            return generate_split(sharded.batch_split, sharded.module, batch, new_tokens, pad_id, eos, sampling,
+                                  keep, device, buckets, opts.on_device_sampling)
+        return generate(sharded.module, batch, new_tokens, pad_id, eos, sampling, comm, keep, device,
+                        buckets=buckets, on_device_sampling=opts.on_device_sampling)
+
     def plain() -> list[Generated]:
-        return [generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device,
-                         buckets=buckets, on_device_sampling=opts.on_device_sampling) for b in batches]
+        return [one(b, opts.max_new_tokens, keep_logits) for b in batches]
 
     def run_all() -> list[Generated]:
         nonlocal spec_stats
@@ -157,8 +166,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
 
     runs = 1
     if opts.benchmark:
-        generate(sharded.module, batches[0], min(4, opts.max_new_tokens), pad_id, eos, sampling, comm,
-                 device=device, buckets=buckets, on_device_sampling=opts.on_device_sampling)  # warm-up
+        one(batches[0], min(4, opts.max_new_tokens), False)  # warm-up
         runs = max(1, opts.benchmark_iterations)
     timings = [run_all() for _ in range(runs)]
     results = timings[-1]
@@ -200,7 +208,15 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
             "sampling_bytes_per_step": max(g.sampling_bytes_per_step for g in results),
             "bytes_held_rank0": sharded.stats.bytes_held, "bytes_read_rank0": sharded.stats.bytes_read,
             "speculation": speculation_report,
+            "rows_per_rank": _rows_per_rank(results),
         }, result_path)
+
+
+def _rows_per_rank(generated: list[Generated]) -> list[int] | None:
+    """Real rows each rank generated over all batches, when the plan divides batches among replicas."""
+    if any(g.rows_per_rank is None for g in generated):
+        return None
+    return [sum(rows) for rows in zip(*(g.rows_per_rank for g in generated))]
 
 
 def _decode_rate(generated: list[Generated], by_tokens: bool) -> float:
@@ -466,7 +482,7 @@ def run(opts: RunOptions) -> RunResult:
         print(f"\nPrompt: {prompt}\nOutput: {text}", flush=True)
     result = RunResult(texts, tokens, data["load_seconds"], data["shard_seconds"],
                        data["prefill_tokens_per_second"], data["decode_tokens_per_second"],
-                       speculation=data.get("speculation"))
+                       speculation=data.get("speculation"), rows_per_rank=data.get("rows_per_rank"))
     log.info("Prefill %.1f tokens/s, decode %.1f tokens/s", result.prefill_tokens_per_second,
              result.decode_tokens_per_second)
     if reference is not None:
@@ -491,6 +507,7 @@ def run(opts: RunOptions) -> RunResult:
             "decode_tokens_per_second": data["decode_tokens_per_second"],
             "sampling_bytes_per_step": data["sampling_bytes_per_step"],
             "new_tokens": [len(t) for t in tokens], "speculation": data.get("speculation"),
+            "rows_per_rank": data.get("rows_per_rank"),
             "options": asdict(opts),
         }
         path = out_dir / "benchmark_report.json"
