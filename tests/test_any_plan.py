@@ -119,12 +119,18 @@ def _rank_generate(rank, world, model_path, plans, mesh, out_dir, prompts):
         plan = resolve_plan("llama", path, mesh=mesh)
         sharded = load_sharded(model_path, "float32", plan)
         sharded.module.register_forward_pre_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
+        if sharded.batch_split is not None:  # the batch split over fsdp/data: each replica generates its rows
+            from shardwise.parallel.data import generate_split
+
+            run = lambda n, **kw: generate_split(sharded.batch_split, sharded.module, prompts, n, 0, (), **kw)  # noqa: E731
+        else:
+            run = lambda n, **kw: generate(sharded.module, prompts, n, 0, (), comm=sharded.comm, **kw)  # noqa: E731
         sent["bytes"] = 0.0
-        generate(sharded.module, prompts, 1, 0, (), comm=sharded.comm)  # the prefill alone
+        run(1)  # the prefill alone
         prefill = sent["bytes"]
         calls["gather"] = calls["forward"] = 0
         sent["bytes"] = 0.0
-        gen = generate(sharded.module, prompts, NEW_TOKENS, 0, (), comm=sharded.comm, keep_logits=True)
+        gen = run(NEW_TOKENS, keep_logits=True)
         results[key] = {"tokens": gen.tokens, "logits": gen.step_logits, "held": sharded.stats.bytes_held,
                         "gathers_per_forward": calls["gather"] / max(1, calls["forward"]),
                         "sent_per_token": (sent["bytes"] - prefill) / (NEW_TOKENS - 1)}

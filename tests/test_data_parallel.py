@@ -110,6 +110,7 @@ def reference(tiny_models):
     return whole, eos, stopped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh, plan, rows", [
     ("data=2,tensor=2", DATA_TP, [2, 2, 1, 1]),
     ("fsdp=2,tensor=2", FSDP_TP, [2, 2, 1, 1]),
