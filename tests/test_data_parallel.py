@@ -142,3 +142,21 @@ def test_replicas_generate_their_rows_and_one_process_output(tiny_models, tmp_pa
     assert report.rank_batch == 2
     assert not [c for c in report.extra if "[fsdp, null, null]" in c.what or "[[data], null, null]" in c.what]
     assert len(stopped.tokens[2]) == 1 < max(map(len, stopped.tokens))
+
+
+@pytest.mark.slow
+def test_run_divides_the_batch_and_matches_hf(tiny_model_dir, tmp_path):
+    """`shardwise run` end to end on fsdp=2: HF's greedy tokens, and the report says who generated what."""
+    import json
+
+    from shardwise.runner import RunOptions, run
+
+    path = tmp_path / "plan.yaml"
+    path.write_text(FSDP_ONLY)
+    result = run(RunOptions(str(tiny_model_dir), sharding_config=str(path), mesh="fsdp=2", batch_size=3,
+                            prompts=["w5 w6 w7 w8 w9", "w10 w11", "w12 w13 w14"], chat_template=False,
+                            max_new_tokens=6, check_accuracy_mode="token-matching", benchmark=True,
+                            benchmark_iterations=1, output_dir=str(tmp_path)))
+    assert result.rows_per_rank == [2, 1]
+    assert "identical" in result.accuracy
+    assert json.loads((tmp_path / "benchmark_report.json").read_text())["rows_per_rank"] == [2, 1]
