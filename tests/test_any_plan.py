@@ -94,7 +94,6 @@ def _plan_files(tmp_path, mesh: str) -> dict[str, str | None]:
 
 
 def _rank_generate(rank, world, model_path, plans, mesh, out_dir, prompts):
-    from shardwise.generation import generate
     from shardwise.parallel.comm import Collectives
     from shardwise.parallel.fsdp import StorageGather
     from shardwise.plan import resolve_plan
@@ -119,22 +118,26 @@ def _rank_generate(rank, world, model_path, plans, mesh, out_dir, prompts):
         plan = resolve_plan("llama", path, mesh=mesh)
         sharded = load_sharded(model_path, "float32", plan)
         sharded.module.register_forward_pre_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
-        if sharded.batch_split is not None:  # the batch split over fsdp/data: each replica generates its rows
-            from shardwise.parallel.data import generate_split
-
-            run = lambda n, **kw: generate_split(sharded.batch_split, sharded.module, prompts, n, 0, (), **kw)  # noqa: E731
-        else:
-            run = lambda n, **kw: generate(sharded.module, prompts, n, 0, (), comm=sharded.comm, **kw)  # noqa: E731
         sent["bytes"] = 0.0
-        run(1)  # the prefill alone
+        _generate(sharded, prompts, 1)  # the prefill alone
         prefill = sent["bytes"]
         calls["gather"] = calls["forward"] = 0
         sent["bytes"] = 0.0
-        gen = run(NEW_TOKENS, keep_logits=True)
+        gen = _generate(sharded, prompts, NEW_TOKENS, keep_logits=True)
         results[key] = {"tokens": gen.tokens, "logits": gen.step_logits, "held": sharded.stats.bytes_held,
                         "gathers_per_forward": calls["gather"] / max(1, calls["forward"]),
                         "sent_per_token": (sent["bytes"] - prefill) / (NEW_TOKENS - 1)}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def _generate(sharded, prompts, new_tokens, **kw):
+    """Generation as the runner does it: a batch the plan splits over fsdp/data is divided among replicas."""
+    from shardwise.generation import generate
+    from shardwise.parallel.data import generate_split
+
+    if sharded.batch_split is not None:
+        return generate_split(sharded.batch_split, sharded.module, prompts, new_tokens, 0, (), **kw)
+    return generate(sharded.module, prompts, new_tokens, 0, (), comm=sharded.comm, **kw)
 
 
 def _run(model_path, plans, mesh, out_dir, prompts=PROMPTS):
