@@ -27,6 +27,7 @@ from .layout import Layout
 from .loader import LoadStats, load_rank_state
 from .parallel.activations import apply_placements
 from .parallel.comm import Collectives
+from .parallel.context import ContextParallel, apply_context_parallel, sequence_axes
 from .parallel.data import BatchSplit
 from .parallel.devices import state_to_device, torch_device
 from .parallel.fsdp import axis_groups, storage_axes
@@ -67,6 +68,7 @@ class ShardedModel:
     stats: LoadStats
     dtype: torch.dtype
     batch_split: BatchSplit | None = None  # the plan divides batches among replicas: generate with generate_split
+    context: ContextParallel | None = None  # the plan splits the sequence over context: prefill in chunks
 
 
 def load_sharded(
@@ -167,6 +169,10 @@ def load_sharded(
     if split is not None and comm.rank == 0:
         log.info("Data parallelism: the plan splits the batch over %s, so %d replicas each generate their share "
                  "of a batch's rows", "x".join(split.axes), split.parts)
+    context = apply_context_parallel(model, compute, comm.rank, comm)
+    if context is not None and comm.rank == 0:
+        log.info("Context parallelism: the plan splits the sequence over %s, so prompts are prefilled in %d chunks",
+                 "x".join(sequence_axes(compute)), context.parts)
     native = native_outputs(compute, family(config.family).roles.get("embedding"))
     placed = apply_placements(model, compute, native, comm.rank, comm)
     if placed and comm.rank == 0:
@@ -185,5 +191,5 @@ def load_sharded(
                          " and ".join(n for n, on in (("q/k/v", fused_qkv), ("gate/up", fused_gate_up)) if on))
     model.to(torch_device(device))  # what the state did not hold (buffers); the weights are there already
     model.eval()
-    return ShardedModel(model, config, layout, comm.rank, comm, stats, torch_dtype, split)
+    return ShardedModel(model, config, layout, comm.rank, comm, stats, torch_dtype, split, context)
 

@@ -7,7 +7,8 @@ locally to the requested placement, then all-gathered back over the same axes, b
 module computes with the whole output: results are unchanged, and each such rule costs one
 all-gather per forward, which ``shardwise plan`` lists as extra traffic. Rules the runtime already
 produces (a column-parallel output kept split over ``tensor``, sequence parallelism, whole outputs)
-add nothing here, nor does a batch split the plan divides among replicas (``data.py``).
+add nothing here, nor do a batch split the plan divides among replicas (``data.py``) and a sequence
+split over ``context`` (``context.py``: chunked prefill).
 """
 
 from __future__ import annotations
@@ -30,18 +31,21 @@ def placed_rules(layout: Layout, native: dict[str, int]) -> list[tuple[Spec, int
     the only ``tensor`` split the layout allows it): their
     rules' ``tensor`` entry there is produced natively, and only the other entries are placed here. A
     batch the plan divides among replicas (``data.batch_axes``) is native too: each replica holds only
-    its rows.
+    its rows; so is a sequence prefilled in chunks over ``context`` (``context.sequence_axes``).
     """
     from ..plan import TENSOR_AXIS, module_names
+    from .context import sequence_axes
     from .data import batch_axes
 
     modules = module_names(list(layout.tensors))
     mesh = layout.mesh
-    divided = batch_axes(layout)
+    divided, chunked = batch_axes(layout), sequence_axes(layout)
     out = []
     for pattern, spec in layout.activations.items():
         if divided and spec:
             spec = (None, *spec[1:])  # the batch: divided among replicas (data.py), every entry the same axes
+        if chunked and len(spec) > 1:
+            spec = (spec[0], None, *spec[2:])  # the prompt: prefilled in chunks (context.py)
         rule = Rule(pattern, spec)
         regex = Rule(rule.module, ()).regex
         for m in modules:
