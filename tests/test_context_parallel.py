@@ -74,3 +74,12 @@ def test_chunked_prefill_generates_what_one_process_does(tiny_models, tmp_path, 
         if "tensor=1" in mesh:
             assert got["cache"] == whole.cache_bytes
     assert not report.extra  # nothing placed and gathered back per decode step
+
+
+def test_planner_counts_one_chunk_of_queries_and_a_whole_cache(tiny_models):
+    common = dict(mesh="context=2,tensor=2", torch_dtype="float32", batch_size=2, seq_len=64)
+    chunked = estimate_capacity(tiny_models["gqa9_tied"], overrides=CONTEXT, **common)
+    whole = estimate_capacity(tiny_models["gqa9_tied"], **common)
+    assert [r.kv_cache_bytes for r in chunked.ranks] == [r.kv_cache_bytes for r in whole.ranks]
+    assert all(c.activation_bytes < w.activation_bytes for c, w in zip(chunked.ranks, whole.ranks))
+    assert not chunked.extra

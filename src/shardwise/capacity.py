@@ -213,7 +213,8 @@ ACTIVATION_NOTE = (
     "attention scores batch x local heads x seq_len^2 and the boolean mask, in the compute dtype; plus "
     "float32 logits of the last position (local and gathered); plus, with weights stored split over fsdp, one "
     "decoder layer's weights gathered. Fused attention kernels need less. A batch the plan splits over "
-    "fsdp/data is divided among the replicas: KV cache, activations and collectives count one replica's rows.")
+    "fsdp/data is divided among the replicas: KV cache, activations and collectives count one replica's rows; "
+    "a sequence split over context prefills one chunk of queries per rank (the KV cache stays whole).")
 
 
 def _gib(n: float) -> str:
@@ -362,22 +363,29 @@ def _local_batch(layout: Layout, batch: int) -> int:
 
 def _activation_bytes(red: Redistribution, config: ModelConfig, rank: int, batch: int, seq: int,
                       itemsize: int) -> int:
-    """Peak transient bytes of a prefill of ``batch x seq`` tokens; see ACTIVATION_NOTE."""
+    """Peak transient bytes of a prefill of ``batch x seq`` tokens; see ACTIVATION_NOTE. With the sequence
+    split over context (``parallel/context.py``) a rank prefills one chunk: its queries over every key."""
+    from .parallel.context import chunk_of, sequence_axes
+
     layout = red.compute
-    tokens = batch * seq
+    axes = sequence_axes(layout)
+    queries = chunk_of(seq, math.prod(layout.mesh.size(a) for a in axes))[0] if axes else seq
+    tokens = batch * queries
     fam = family(config.family)
     p = fam.role("layer") + "."
     q, kv, inter = (_rows(layout, fam.role(role), rank) for role in ("q", "k", "mlp_in"))
     heads = q // config.head_dim
     vocab_local = _rows(layout, fam.role("output"), rank)
     hidden_states = tokens * itemsize * (4 * config.hidden_size + q + 2 * kv + 3 * inter)
-    scores = batch * heads * seq * seq * itemsize + batch * seq * seq  # scores + boolean mask
+    scores = batch * heads * queries * seq * itemsize + batch * queries * seq  # scores + boolean mask
     logits = batch * 4 * (vocab_local + config.vocab_size)
     gathered = 0  # one decoder layer's weights, all-gathered (fsdp storage, redistribution) while it runs
     for m in red.gathers():
         if m.name.startswith(p):
             held = math.prod(red.storage.tensors[m.name].shards[rank].local_shape)
             gathered += (m.gathered_elements(red.storage) - held) * itemsize
+    if axes:  # one layer's keys and values of every chunk, gathered over the context group
+        gathered += batch * seq * 2 * kv * itemsize
     return hidden_states + scores + logits + gathered
 
 
