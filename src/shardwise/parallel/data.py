@@ -23,6 +23,7 @@ whole batch's longest (the shapes one process would use), and stops only when ev
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,11 @@ from ..layout import Layout, _group_index
 from ..mesh import Mesh
 from ..plan import TENSOR_AXIS, spec_axes
 from .comm import Collectives
+
+if TYPE_CHECKING:
+    from ..decode_buckets import DecodeBuckets
+    from ..generation import Generated, Sampling
+    from ..protocol import Model
 
 
 def batch_axes(layout: Layout) -> tuple[str, ...]:
@@ -89,9 +95,10 @@ class BatchSplit:
         return cls(axes, parts, index, leader, compute, world)
 
 
-def generate_split(split: BatchSplit, model, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int,
-                   eos_token_ids: tuple[int, ...], sampling=None, keep_logits: bool = False,
-                   device: torch.device | str = "cpu", buckets=None, on_device_sampling: bool = False):
+def generate_split(split: BatchSplit, model: Model, prompts: list[list[int]], max_new_tokens: int,
+                   pad_token_id: int, eos_token_ids: tuple[int, ...], sampling: Sampling | None = None,
+                   keep_logits: bool = False, device: torch.device | str = "cpu", buckets: DecodeBuckets | None = None,
+                   on_device_sampling: bool = False) -> Generated:
     """``generation.generate`` with the batch divided among the replicas; every rank gets the whole result.
 
     Collective over every rank. Greedy rows are what one process generates for the whole batch (same
