@@ -37,21 +37,29 @@ def test_the_trigger_is_a_consistent_sequence_split_over_non_tensor_axes(tiny_mo
     assert sequence_axes(model_layout(tiny_models["gqa9_tied"], plan=plan, mesh=plan.mesh())) == axes
 
 
-def _rank(rank, world, model_path, mesh, out_dir):
+def _rank(rank, world, model_path, mesh, rules, out_dir):
     from shardwise.generation import generate
+    from shardwise.parallel.data import generate_split
     from shardwise.sharded_model import load_sharded
 
-    sharded = load_sharded(model_path, "float32", resolve_plan("llama", None, CONTEXT, mesh=mesh))
+    sharded = load_sharded(model_path, "float32", resolve_plan("llama", None, rules, mesh=mesh))
     tokens = []
     sharded.module.model.embed_tokens.register_forward_pre_hook(lambda _m, args: tokens.append(args[0].shape[1]))
-    gen = generate(sharded.module, PROMPTS, NEW_TOKENS, 0, (), comm=sharded.comm, keep_logits=True)
+    if sharded.batch_split is not None:  # with the batch over data too: each replica prefills its rows in chunks
+        gen = generate_split(sharded.batch_split, sharded.module, PROMPTS, NEW_TOKENS, 0, (), keep_logits=True)
+    else:
+        gen = generate(sharded.module, PROMPTS, NEW_TOKENS, 0, (), comm=sharded.comm, keep_logits=True)
     torch.save({"tokens": gen.tokens, "logits": gen.step_logits, "cache": gen.cache_bytes,
                 "embedded": tokens, "prefills": sharded.context.prefills}, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["context=2,tensor=2", "context=3,tensor=1"])
-def test_chunked_prefill_generates_what_one_process_does(tiny_models, tmp_path, mesh):
+@pytest.mark.parametrize("mesh, rules", [
+    ("context=2,tensor=2", CONTEXT),
+    ("context=3,tensor=1", CONTEXT),
+    ("data=2,context=2,tensor=1", [r.replace("[null,", "[data,") for r in CONTEXT]),
+])
+def test_chunked_prefill_generates_what_one_process_does(tiny_models, tmp_path, mesh, rules):
     from shardwise.generation import generate
     from shardwise.parallel.launch import launch
     from shardwise.sharded_model import load_sharded
@@ -59,10 +67,10 @@ def test_chunked_prefill_generates_what_one_process_does(tiny_models, tmp_path, 
     model = tiny_models["gqa9_tied"]
     whole = generate(load_sharded(model, "float32").module, PROMPTS, NEW_TOKENS, 0, (), keep_logits=True)
     world = Mesh.parse(mesh).world_size
-    launch(_rank, world, (str(model), mesh, str(tmp_path)))
+    launch(_rank, world, (str(model), mesh, rules, str(tmp_path)))
     parts = Mesh.parse(mesh).size("context")
     chunk = chunk_of(max(map(len, PROMPTS)), parts)[0]
-    report = estimate_capacity(model, overrides=CONTEXT, mesh=mesh, torch_dtype="float32", batch_size=len(PROMPTS),
+    report = estimate_capacity(model, overrides=rules, mesh=mesh, torch_dtype="float32", batch_size=len(PROMPTS),
                                seq_len=max(map(len, PROMPTS)) + NEW_TOKENS)
     for r in range(world):
         got = torch.load(tmp_path / f"rank{r}.pt")
@@ -71,7 +79,7 @@ def test_chunked_prefill_generates_what_one_process_does(tiny_models, tmp_path, 
         # The prefill embedded only this rank's chunk of the 5-token prompt; decode steps one token each.
         assert got["embedded"] == [chunk] + [1] * (NEW_TOKENS - 1) and got["prefills"] == 1
         assert report.ranks[r].kv_cache_bytes == got["cache"]  # whole on every context rank
-        if "tensor=1" in mesh:
+        if mesh == "context=3,tensor=1":
             assert got["cache"] == whole.cache_bytes
     assert not report.extra  # nothing placed and gathered back per decode step
 
