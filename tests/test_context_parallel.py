@@ -91,3 +91,5 @@ def test_planner_counts_one_chunk_of_queries_and_a_whole_cache(tiny_models):
     assert [r.kv_cache_bytes for r in chunked.ranks] == [r.kv_cache_bytes for r in whole.ranks]
     assert all(c.activation_bytes < w.activation_bytes for c, w in zip(chunked.ranks, whole.ranks))
     assert not chunked.extra
+    assert "Context parallelism: prompts are prefilled in 2 chunks over context" in chunked.format()
+    assert "Context parallelism" not in whole.format()

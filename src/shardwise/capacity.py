@@ -119,6 +119,7 @@ class CapacityReport:
     links: Links
     uncovered: list[str] = field(default_factory=list)
     rank_batch: int | None = None  # rows one rank carries when the plan divides the batch among replicas
+    divisions: list[str] = field(default_factory=list)  # data / context parallelism the plan turns on, in words
 
     @property
     def fits(self) -> bool:
@@ -160,7 +161,7 @@ class CapacityReport:
                 "seconds_p2p": self.comm_seconds(P2P), "seconds_host": self.comm_seconds(HOST),
                 "link": self.link,
             },
-            "links": asdict(self.links), "replicated_uncovered": self.uncovered,
+            "links": asdict(self.links), "replicated_uncovered": self.uncovered, "divisions": self.divisions,
         }
 
     def format(self) -> str:
@@ -203,6 +204,8 @@ class CapacityReport:
             ]
         if self.uncovered:
             lines += ["", f"Replicated (no rule): {', '.join(self.uncovered)}"]
+        if self.divisions:
+            lines += [""] + self.divisions
         lines += ["", ACTIVATION_NOTE]
         return "\n".join(lines)
 
@@ -350,7 +353,26 @@ def estimate_capacity(
                                                                             itemsize), memory[r]))
     uncovered = sorted({generic_name(u) for u in red.storage.uncovered})
     return CapacityReport(str(model_path), shapes_from, mesh, dtype_name, batch_size, seq_len, memory_source, ranks,
-                      _collectives(red, config, batch, itemsize), link, links, uncovered, batch)
+                      _collectives(red, config, batch, itemsize), link, links, uncovered, batch,
+                      _divisions(layout, batch_size, batch))
+
+
+def _divisions(layout: Layout, batch: int, rank_batch: int) -> list[str]:
+    """The work the plan divides (parallel/data.py, parallel/context.py), one line each."""
+    from .parallel.context import sequence_axes
+    from .parallel.data import batch_axes, replicas
+
+    out = []
+    axes = batch_axes(layout)
+    if axes:
+        out.append(f"Data parallelism: the batch is split over {'x'.join(axes)}: {replicas(layout.mesh, axes)} "
+                   f"replicas, each generating {rank_batch} of the {batch} rows (placeholders fill a short share)")
+    axes = sequence_axes(layout)
+    if axes:
+        parts = math.prod(layout.mesh.size(a) for a in axes)
+        out.append(f"Context parallelism: prompts are prefilled in {parts} chunks over {'x'.join(axes)} (keys and "
+                   "values all-gathered per layer, the KV cache whole on every rank); decode runs whole")
+    return out
 
 
 def _local_batch(layout: Layout, batch: int) -> int:
