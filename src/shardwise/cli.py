@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--enable-bucketing", action="store_true",
          help="prefill and decode on a few static shapes: prompts padded to a context-encoding bucket, decode "
               "attending over a token-generation bucket of KV slots (same tokens)")
+    _add(run, "--compile-decode", action="store_true",
+         help="compile the decode step with torch.compile, one graph per token-generation bucket (implies "
+              "--enable-bucketing; on CUDA mode reduce-overhead, i.e. CUDA graphs); the first step of each bucket "
+              "pays the compilation (the log and benchmark_report.json give its seconds)")
     _add(run, "--context-encoding-buckets", type=int, nargs="+", default=None, metavar="N",
          help="prompt-length buckets (default with --enable-bucketing: powers of 2 from 128 to --max-context-length)")
     _add(run, "--token-generation-buckets", type=int, nargs="+", default=None, metavar="N",
@@ -315,7 +319,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         draft_model_path=args.draft_model_path, speculation_length=args.speculation_length,
         speculation_type=args.speculation_type, draft_model_tp_degree=args.draft_model_tp_degree,
         enable_bucketing=args.enable_bucketing, context_encoding_buckets=args.context_encoding_buckets,
-        token_generation_buckets=args.token_generation_buckets,
+        token_generation_buckets=args.token_generation_buckets, compile_decode=args.compile_decode,
         **nxd_options(args),
         mesh=args.mesh,
     )
