@@ -41,8 +41,6 @@ def test_norm_outputs_kept_whole_are_gathered_at_the_norm(tiny_config, tiny_shap
      "the rule for model.layers.0.input_layernorm splits the sequence over 'tensor', which needs sequence parallelism"),
     (["model.norm=[null,tensor,null]"], True, "generation takes the last position of model.norm's output"),
     (["model.layers.*=[null,null,null]"], True, "the output of model.layers.0 is the residual stream"),
-    (["model.layers.*.self_attn.q_proj=[null,tensor,null]"], True,
-     "output of model.layers.0.self_attn.q_proj is column-parallel"),
 ])
 def test_inconsistent_sequence_rules_are_refused(tiny_config, tiny_shapes, overrides, sp, msg):
     with pytest.raises(ShardwiseError, match=msg):
