@@ -192,6 +192,7 @@ def test_smollm2_torchprime_plans_on_fsdp_by_tensor(smollm2, tmp_path):
 
 # Column-parallel outputs (q/k/v, gate/up: split by features over tensor as computed) split over tensor along
 # another dimension: gathered by features, placed, and the rank's own features sliced back (GSPMD: any spec runs).
+# (k_proj keeps its features split and is placed over fsdp alone: its local features are sliced and gathered.)
 ACROSS_FEATURES = """
 model.embed_tokens.weight: [tensor, null]
 model.layers.*.self_attn.q_proj.weight: [tensor, null]
@@ -206,6 +207,7 @@ model.layers.*.self_attn.q_proj: [null, tensor, null]
 model.layers.*.self_attn.v_proj: [tensor, null, null]
 model.layers.*.mlp.up_proj: [[fsdp, tensor], null, null]
 model.layers.*.mlp.gate_proj: [fsdp, tensor, null]
+model.layers.*.self_attn.k_proj: [fsdp, null, tensor]
 """
 
 
