@@ -132,16 +132,21 @@ class Regather:
         self.gather_index = torch.tensor(gather_index) if gather_index is not None else None
         self.local = module.local_index.clamp(min=0)
         self.padding = module.local_index < 0
+        self.padded = bool(self.padding.any())  # padding rows, which the layer computes as zeros
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.local.device != x.device:  # once: the indices live where the activations do
+            self.local, self.padding = self.local.to(x.device), self.padding.to(x.device)
+            if self.gather_index is not None:
+                self.gather_index = self.gather_index.to(x.device)
         gathered = self.comm.all_gather(x.contiguous(), dim=-1)
         if self.gather_index is not None:
-            whole = gathered.index_select(-1, self.gather_index.to(x.device))
+            whole = gathered.index_select(-1, self.gather_index)
         else:
             whole = gathered.narrow(-1, 0, self.out_features)
         whole = self.placement(whole)
-        mine = whole.index_select(-1, self.local.to(x.device))
-        return mine.masked_fill(self.padding.to(x.device), 0) if bool(self.padding.any()) else mine
+        mine = whole.index_select(-1, self.local)
+        return mine.masked_fill(self.padding, 0) if self.padded else mine
 
 
 def apply_placements(model: nn.Module, layout: Layout, native: dict[str, int], rank: int,
