@@ -13,8 +13,9 @@ A column-parallel output arrives split by features over ``tensor``; a rule split
 along another dimension (``q_proj: [null, tensor, null]``) is placed the same way on the whole output,
 so its features are all-gathered over ``tensor`` first (in source order), and the rank's own features
 (padding rows zero, as the layer computes them) are sliced back out for the next module: one extra
-all-gather more than other placements. (An all-to-all would move 1/N of those bytes, but the
-shared-memory transport has none, and a result must not depend on the transport.)
+all-gather more than other placements. (An all-to-all would move 1/N of those bytes, but
+``Collectives`` has none and the shared-memory transport, the fast path on CPU, could not carry one;
+this reuses the all-gather every transport has.)
 """
 
 from __future__ import annotations
