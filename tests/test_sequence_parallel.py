@@ -71,7 +71,8 @@ def _rank_logits(rank, world, model_path, sp, out_dir, overrides=(), name=None):
     from shardwise.plan import resolve_plan
     from shardwise.sharded_model import load_sharded
 
-    sharded = load_sharded(model_path, "float32", resolve_plan("llama", overrides=list(overrides), sequence_parallel=sp))
+    plan = resolve_plan("llama", overrides=list(overrides), sequence_parallel=sp)
+    sharded = load_sharded(model_path, "float32", plan)
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     sent = sharded.comm.sent
     generate(sharded.module, prompts, 1, 0, (), comm=sharded.comm)  # the prefill alone
