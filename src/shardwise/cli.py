@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -346,6 +347,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise ShardwiseError(f"{flag} must be at least {least}, got {value}")
     if not 0 <= args.port <= 65535:
         raise ShardwiseError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.partition_config and args.partition is None:
+        from .topology import load_partition_config
+
+        pc = load_partition_config(args.partition_config)
+        if len(pc.partitions) > 1:
+            raise ShardwiseError(f"{pc.source} has {len(pc.partitions)} partitions "
+                                 f"({', '.join(p.name for p in pc.partitions)}); a server is one job: choose one "
+                                 "with --partition NAME")
     if args.model_path is None and args.skip_sharding and args.compiled_model_path:
         model_path = args.compiled_model_path
     else:
@@ -365,15 +374,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    """One report; with a partition config of several partitions and no --partition, one per partition
+    (each partition is its own job, as `run` runs them)."""
     from .capacity import Links, estimate_capacity, report_json
+    from .topology import load_partition_config
 
-    report = estimate_capacity(
-        args.model_path, args.tp_degree, args.partition_config, args.partition, args.batch_size, args.seq_len,
+    names = [args.partition]
+    if args.partition_config and args.partition is None:
+        names = [p.name for p in load_partition_config(args.partition_config).partitions]
+    reports = {name: estimate_capacity(
+        args.model_path, args.tp_degree, args.partition_config, name, args.batch_size, args.seq_len,
         args.torch_dtype, args.device, args.device_memory_gib, args.sharding_config, args.overrides,
         Links(args.p2p_gbps, args.p2p_latency_us, args.host_gbps, args.host_latency_us),
         args.sequence_parallel_enabled, args.mesh,
-    )
-    print(report_json(report) if args.json else report.format())
+    ) for name in names}
+    if len(reports) == 1:
+        report = next(iter(reports.values()))
+        print(report_json(report) if args.json else report.format())
+    elif args.json:
+        print(json.dumps({"partitions": {name: r.to_dict() for name, r in reports.items()}}, indent=2))
+    else:
+        print("\n\n".join(f"Partition {name!r}: job {i} of {len(reports)}\n{r.format()}"
+                           for i, (name, r) in enumerate(reports.items(), 1)))
     return 0
 
 
