@@ -10,6 +10,8 @@ per-rank bytes and weight all-gathers per forward are compared with what the ran
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -195,3 +197,39 @@ def test_smollm2_torchprime_plans_on_fsdp_by_tensor(smollm2, tmp_path):
     plans = {k: v for k, v in _plan_files(tmp_path, "fsdp=2,tensor=2").items()
              if k == "torchprime_fsdp_tp"}
     _check(smollm2, tmp_path, "fsdp=2,tensor=2", reference, plans, prompts)
+
+
+# Column-parallel outputs (q/k/v, gate/up: split by features over tensor as computed) split over tensor along
+# another dimension: gathered by features, placed, and the rank's own features sliced back (GSPMD: any spec runs).
+# (k_proj keeps its features split and is placed over fsdp alone: its local features are sliced and gathered.)
+ACROSS_FEATURES = """
+model.embed_tokens.weight: [tensor, null]
+model.layers.*.self_attn.q_proj.weight: [tensor, null]
+model.layers.*.self_attn.k_proj.weight: [tensor, null]
+model.layers.*.self_attn.v_proj.weight: [tensor, null]
+model.layers.*.self_attn.o_proj.weight: [null, tensor]
+model.layers.*.mlp.gate_proj.weight: [tensor, null]
+model.layers.*.mlp.up_proj.weight: [tensor, null]
+model.layers.*.mlp.down_proj.weight: [null, tensor]
+lm_head.weight: [tensor, null]
+model.layers.*.self_attn.q_proj: [null, tensor, null]
+model.layers.*.self_attn.v_proj: [tensor, null, null]
+model.layers.*.mlp.up_proj: [[fsdp, tensor], null, null]
+model.layers.*.mlp.gate_proj: [fsdp, tensor, null]
+model.layers.*.self_attn.k_proj: [fsdp, null, tensor]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["fsdp=1,tensor=2", "fsdp=2,tensor=2"])
+def test_column_parallel_output_split_across_features_generates_what_one_process_does(
+        tiny_models, tmp_path, reference, mesh):
+    path = tmp_path / "across.yaml"
+    path.write_text(ACROSS_FEATURES)
+    _check(tiny_models["gqa9_tied"], tmp_path, mesh, reference["builtin"], {"across": str(path)})
+    report = estimate_capacity(tiny_models["gqa9_tied"], sharding_config=str(path), mesh=mesh,
+                               torch_dtype="float32", batch_size=len(PROMPTS))
+    regathered = [c for c in report.extra if "column-parallel output gathered to be placed" in c.what]
+    # q_proj, v_proj, up_proj, gate_proj: each gathered whole before it is placed, once per layer.
+    layers = json.loads((tiny_models["gqa9_tied"] / "config.json").read_text())["num_hidden_layers"]
+    assert len(regathered) == 4 and all(c.count == layers for c in regathered), regathered

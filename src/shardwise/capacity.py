@@ -464,12 +464,19 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
     from .parallelize import native_outputs
 
     embedding = family(config.family).roles.get("embedding")
-    for spec, index, module in placed_rules(layout, native_outputs(layout, embedding)):
+    native = native_outputs(layout, embedding)
+    for spec, index, module, regather in placed_rules(layout, native):
         weight = layout.tensors.get(f"{module}.weight")
         features = weight.shape[0] if weight is not None and len(weight.shape) == 2 and module != embedding \
             else config.hidden_size
         if module == layout.output:
             features = config.vocab_size
+        shown = f"{generic_name(module)}{'' if index is None else f'[{index}]'}"
+        if regather:  # split by features over tensor as computed: gathered whole before it is placed
+            add("all-gather", token * weight.shards[0].local_shape[0] * tp, f"{shown}: column-parallel output "
+                f"gathered to be placed as {_show(spec)}", tp, True)
+        elif native.get(module) == -1:  # placed over other axes as computed: the rank's features only
+            features = weight.shards[0].local_shape[0]
         for d, entry in enumerate(spec):
             axes = [a for a in spec_axes(entry) if mesh.size(a) > 1]
             if axes:
@@ -477,7 +484,6 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
                 # The decode step's output [batch, 1, features]; the split dimension is padded to equal pieces.
                 size = (batch, 1, features)[d] if d < 3 else 1
                 padded = -(-size // parts) * parts
-                shown = f"{generic_name(module)}{'' if index is None else f'[{index}]'}"
                 add("all-gather", token * features // size * padded, f"{shown}: output placed as {_show(spec)}, "
                     "gathered back for the next module", parts, True)
     # Sequence parallelism: a decode step's one token sits on rank 0, so each gather is a broadcast of it.

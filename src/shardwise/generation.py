@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import sampler
+from .compiled_decode import CompiledDecode
 from .decode_buckets import DecodeBuckets
 from .kv_cache import KVCache
 from .parallel.comm import Collectives
@@ -95,6 +96,7 @@ def generate(
     device: torch.device | str = "cpu",
     buckets: DecodeBuckets | None = None,
     on_device_sampling: bool = False,
+    compiled: CompiledDecode | None = None,
     lockstep: Collectives | None = None,
     placeholders: int = 0,
     pad_to: int = 0,
@@ -110,7 +112,8 @@ def generate(
     on the prompt batch left-padded to its context-encoding bucket and each decode step attends over a
     token-generation bucket of KV slots; the tokens are the same. ``on_device_sampling`` (NxD's flag) has
     each rank reduce its own vocabulary shard to candidates before anything is gathered: the same tokens
-    (greedy, and sampled with the same seed), a fraction of the bytes.
+    (greedy, and sampled with the same seed), a fraction of the bytes. ``compiled`` (``compiled_decode.py``,
+    which needs ``buckets``) runs the decode steps through ``torch.compile``, one graph per bucket.
 
     On a GPU, ids, masks, positions and sampling stay on the device: the prompt's tensors are moved
     once, each step's tokens are chosen (and, when sampled, broadcast) on the device and fed back as
@@ -123,6 +126,9 @@ def generate(
     batch's longest, as one process pads them).
     """
     comm = comm or Collectives()
+    if compiled is not None and buckets is None:
+        raise ValueError("a compiled decode step runs on token-generation buckets: pass buckets too")
+    step_model = compiled if compiled is not None else model
     batch, longest = len(prompts), max(pad_to, *(len(p) for p in prompts))
     if buckets is not None:
         longest = buckets.context_length(longest)
@@ -191,7 +197,7 @@ def generate(
             if buckets is not None:  # the bucket's slots after this one are not written yet
                 mask = mask & (slot_index[:keys] <= slot)
                 cache.attend_to = keys
-            logits = model(tokens[:, None], dev_pos[:, slot:slot + 1], mask, cache, slot)  # tokens: on the device
+            logits = step_model(tokens[:, None], dev_pos[:, slot:slot + 1], mask, cache, slot)  # tokens: on device
             tokens, kept_logits = chooser(logits[:, -1])
             if kept_logits is not None:
                 kept.append(kept_logits)

@@ -177,7 +177,8 @@ def load_sharded(
     placed = apply_placements(model, compute, native, comm.rank, comm)
     if placed and comm.rank == 0:
         log.info("Activation rules: %d module output(s) are sliced to their placement and gathered back for the "
-                 "next module (one extra all-gather each per forward)", placed)
+                 "next module (per forward, one extra all-gather per split dimension, and one more where a "
+                 "column-parallel output's features are gathered first)", placed)
     if fused_qkv or fused_gate_up:
         if redistributed or placed:  # pieces gathered per projection, or outputs placed per module
             if comm.rank == 0:

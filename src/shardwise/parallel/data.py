@@ -33,6 +33,7 @@ from ..plan import TENSOR_AXIS, spec_axes
 from .comm import Collectives
 
 if TYPE_CHECKING:
+    from ..compiled_decode import CompiledDecode
     from ..decode_buckets import DecodeBuckets
     from ..generation import Generated, Sampling
     from ..protocol import Model
@@ -98,7 +99,7 @@ class BatchSplit:
 def generate_split(split: BatchSplit, model: Model, prompts: list[list[int]], max_new_tokens: int,
                    pad_token_id: int, eos_token_ids: tuple[int, ...], sampling: Sampling | None = None,
                    keep_logits: bool = False, device: torch.device | str = "cpu", buckets: DecodeBuckets | None = None,
-                   on_device_sampling: bool = False) -> Generated:
+                   on_device_sampling: bool = False, compiled: CompiledDecode | None = None) -> Generated:
     """``generation.generate`` with the batch divided among the replicas; every rank gets the whole result.
 
     Collective over every rank. Greedy rows are what one process generates for the whole batch (same
@@ -111,7 +112,7 @@ def generate_split(split: BatchSplit, model: Model, prompts: list[list[int]], ma
     placeholders = local_batch(len(prompts), split.parts) - len(rows)
     mine = [prompts[i] for i in rows] + [[pad_token_id]] * placeholders
     g = generate(model, mine, max_new_tokens, pad_token_id, eos_token_ids, sampling or Sampling(), split.compute,
-                 keep_logits, device, buckets=buckets, on_device_sampling=on_device_sampling,
+                 keep_logits, device, buckets=buckets, on_device_sampling=on_device_sampling, compiled=compiled,
                  lockstep=split.world, placeholders=placeholders, pad_to=max(len(p) for p in prompts))
     real = len(rows)
     mine_out = (split.index, g.tokens[:real], [s[:real] for s in g.step_logits]) if split.leader else None
