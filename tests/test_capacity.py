@@ -173,7 +173,7 @@ def test_two_d_mesh_rings_per_axis_and_fsdp_gathers(tiny_raw, tmp_path):
     assert report.mesh.world_size == 8
     # The batch rules (model.layers.*, lm_head: [fsdp, ...]) divide the batch between the two fsdp replicas:
     # each caches and sums its 2 rows, and nothing is placed and gathered back at the boundary.
-    assert report.rank_batch == 2 and "batch 4, 2 per replica" in report.format()
+    assert report.rank_batch == 2 and "batch 4 (2 per replica)" in report.format()
     assert "Data parallelism: the batch is split over fsdp: 2 replicas, each generating 2 of the 4 rows" in \
         report.format()
     assert report.ranks[0].kv_cache_bytes * 2 == one_d.ranks[0].kv_cache_bytes

@@ -129,7 +129,7 @@ class CapacityReport:
     def batch_shown(self) -> str:
         if self.rank_batch is None or self.rank_batch == self.batch_size:
             return f"batch {self.batch_size}"
-        return f"batch {self.batch_size}, {self.rank_batch} per replica"
+        return f"batch {self.batch_size} ({self.rank_batch} per replica)"
 
     def comm_seconds(self, kind: str) -> float:
         bw, lat = self.links.figures(kind)
