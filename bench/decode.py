@@ -173,14 +173,28 @@ def prompt_ids(path: Path) -> list[int]:
     return encode_prompts(load_tokenizer(path), [PROMPT], True)[0]
 
 
-def run_shardwise(path: Path, dtype: str, tp: int, tokens: int, iterations: int, fast: bool, out_dir: Path) -> dict:
+# NxD's generation features, each measured at TP 2 against the same run without it (issue: "the decode table
+# with and without each feature"). Compiled decode runs on buckets: the prompt (about 40 tokens with the chat
+# template) in a 64-token context bucket, every decode step over 128 KV slots.
+FEATURES = {
+    "fused": ("fused q/k/v and gate/up (--fused-qkv --mlp-kernel-enabled)", ["--fused-qkv", "--mlp-kernel-enabled"]),
+    "ods": ("on-device sampling (--on-device-sampling)", ["--on-device-sampling"]),
+    "compile": ("compiled decode step (--compile-decode)",
+                ["--compile-decode", "--context-encoding-buckets", "64", "--token-generation-buckets", "128"]),
+    "all": ("all three", ["--fused-qkv", "--mlp-kernel-enabled", "--on-device-sampling", "--compile-decode",
+                          "--context-encoding-buckets", "64", "--token-generation-buckets", "128"]),
+}
+
+
+def run_shardwise(path: Path, dtype: str, tp: int, tokens: int, iterations: int, fast: bool, out_dir: Path,
+                  flags: list[str] | None = None) -> dict:
     """One ``shardwise run --benchmark`` in a fresh process; returns its benchmark_report.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / "benchmark_report.json"
     report.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "shardwise", "run", "--model-path", str(path), "--tp-degree", str(tp),
            "--torch-dtype", dtype, "--max-new-tokens", str(tokens), "--prompt", PROMPT, "--benchmark",
-           "--benchmark-iterations", str(iterations), "--output-dir", str(out_dir)]
+           "--benchmark-iterations", str(iterations), "--output-dir", str(out_dir), *(flags or [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SHARDWISE_FAST_COLLECTIVES": "1" if fast else "0"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0 or not report.exists():
@@ -189,7 +203,7 @@ def run_shardwise(path: Path, dtype: str, tp: int, tokens: int, iterations: int,
     data = json.loads(report.read_text())
     return {"prefill": data["prefill_tokens_per_second"], "decode": data["decode_tokens_per_second"],
             "new_tokens": data["new_tokens"][0], "threads_per_rank": data["threads_per_rank"],
-            "load_s": data["load_seconds"]}
+            "load_s": data["load_seconds"], "compile_s": data.get("compile_seconds")}
 
 
 def _hf_time(model, ids: list[int], tokens: int, repeats: int) -> dict:
@@ -321,7 +335,9 @@ def render(res: dict) -> str:
                   "| engine | TP | load s | prefill tok/s | decode tok/s | decode vs HF 1 process "
                   "| decode vs bound | load avg |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in model["rows"].values():
+        for key, row in model["rows"].items():
+            if key.startswith("feat-"):
+                continue
             engine, tp = row["engine"], row["tp"]
             if "error" in row:
                 lines.append(f"| {engine} | {tp} | cannot run: {row['error'].replace('|', '/')} | | | | | |")
@@ -331,6 +347,21 @@ def render(res: dict) -> str:
             lines.append(f"| {engine} | {tp} | {load} | {_fmt(row['prefill'])} | {_fmt(row['decode'])} | {ratio} | "
                          f"{row['decode'] / model['bound']:.0%} | {row.get('load_avg', 0):.1f} |")
         lines.append("")
+        feats = {k: r for k, r in model["rows"].items() if k.startswith("feat-")}
+        plain = model["rows"].get("sw-2", {}).get("decode")
+        if feats and plain:
+            lines += ["Generation features at TP 2, each against plain TP 2 of the same run (best of the rounds):", "",
+                      "| TP 2 with | decode tok/s | vs plain TP 2 | decode vs bound | compile s | load avg |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for row in feats.values():
+                if "error" in row:
+                    lines.append(f"| {row['engine']} | cannot run: {row['error'].replace('|', '/')} | | | | |")
+                    continue
+                comp = f"{row['compile_s']:.1f}" if row.get("compile_s") else "-"
+                lines.append(f"| {row['engine'].removeprefix('shardwise + ')} | {_fmt(row['decode'])} | "
+                             f"{row['decode'] / plain:.2f}x | {row['decode'] / model['bound']:.0%} | {comp} | "
+                             f"{row.get('load_avg', 0):.1f} |")
+            lines.append("")
     loads = [row.get("load_avg", 0) for model in res["models"] for row in model["rows"].values()]
     if loads and max(loads) > m["cores"]:
         lines += [f"**Caution:** the load average reached {max(loads):.1f} on {m['cores']} cores during this run. "
@@ -358,6 +389,18 @@ def targets(res: dict) -> list[str]:
             r = tp2["decode"] / hf1["decode"]
             out.append(f"{model['name']}: shardwise TP 2 decode ≥ 0.9× HF one process: {r:.2f}× — "
                        f"{'met' if r >= 0.9 else 'NOT met'}.")
+        tp2_rows = {k: r for k, r in rows.items() if (k == "sw-2" or k.startswith("feat-")) and "decode" in r}
+        if tp2_rows and "SmolLM2" in model["name"]:
+            best_key = max(tp2_rows, key=lambda k: tp2_rows[k]["decode"])
+            frac = tp2_rows[best_key]["decode"] / model["bound"]
+            out.append(f"{model['name']}: TP 2 decode ≥ 60% of the memory-bandwidth bound: {frac:.0%} "
+                       f"({tp2_rows[best_key]['engine']}) — {'met' if frac >= 0.6 else 'NOT met'}.")
+        if tp2 and "decode" in tp2:
+            slower = [f"{r['engine'].removeprefix('shardwise + ')} {r['decode'] / tp2['decode']:.2f}x"
+                      for k, r in tp2_rows.items() if k != "sw-2" and r["decode"] < tp2["decode"]]
+            if len(tp2_rows) > 1:
+                out.append(f"{model['name']}: no generation feature slower than plain TP 2: "
+                           + ("met." if not slower else f"NOT met ({'; '.join(slower)}; best of the rounds each)."))
         hf2 = rows.get("hftp-2")
         if tp2 and hf2 and "decode" in tp2:
             if "decode" in hf2:
@@ -405,6 +448,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-tp", default="2,3,4", help="TP degrees for HF tp_plan='auto' under torchrun")
     p.add_argument("--calls", type=int, default=3000, help="all-reduce calls timed per size (fast path)")
     p.add_argument("--skip-1b", action="store_true", help="only SmolLM2")
+    p.add_argument("--features", default=",".join(FEATURES),
+                   help=f"generation features measured at TP 2 against plain TP 2 ({', '.join(FEATURES)}; '' for none)")
     p.add_argument("--skip-hf-tp", action="store_true", help="skip HF tp_plan runs")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "shardwise"), help="where the 1B model is kept")
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"), help="Markdown file to update")
@@ -457,19 +502,21 @@ def main(argv: list[str] | None = None) -> None:
                  "bound": res["machine"]["bandwidth"]["copy_gbps"] * 1e9 / wbytes, "rows": {}}
         rows = model["rows"]
         iters = args.iterations if "SmolLM2" in name else max(1, args.iterations - 1)
-        configs = [(f"sw-{tp}", "shardwise (shared memory)", tp, True) for tp in tps]
+        configs = [(f"sw-{tp}", "shardwise (shared memory)", tp, True, None) for tp in tps]
         if 2 in tps:
-            configs.append(("sw-2-gloo", "shardwise (gloo)", 2, False))
-        configs.append(("hf-1", "HF transformers, 1 process", 1, None))
+            configs.append(("sw-2-gloo", "shardwise (gloo)", 2, False, None))
+            configs += [(f"feat-{k}", f"shardwise + {label}", 2, True, flags) for k, (label, flags) in FEATURES.items()
+                        if k in args.features.split(",")]
+        configs.append(("hf-1", "HF transformers, 1 process", 1, None, None))
         with tempfile.TemporaryDirectory() as tmp:
             # Rounds in alternating order, best decode kept: other processes' load hits every peer alike.
             for rnd in range(args.rounds):
-                for key, engine, tp, fast in (configs if rnd % 2 == 0 else configs[::-1]):
+                for key, engine, tp, fast, flags in (configs if rnd % 2 == 0 else configs[::-1]):
                     if fast is None:
                         got = run_hf_single(path, tdtype, tokens, iters, cores)
                         torch.set_num_threads(cores)
                     else:
-                        got = run_shardwise(path, dtype, tp, tokens, iters, fast, Path(tmp) / key)
+                        got = run_shardwise(path, dtype, tp, tokens, iters, fast, Path(tmp) / key, flags)
                     got["load_avg"] = os.getloadavg()[0]
                     print(name, f"round {rnd}", key, got, flush=True)
                     best = rows.get(key)

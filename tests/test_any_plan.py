@@ -10,6 +10,8 @@ per-rank bytes and weight all-gathers per forward are compared with what the ran
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -134,7 +136,6 @@ def _plan_files(tmp_path, mesh: str, plans: dict[str, str | None] = PLANS) -> di
 
 
 def _rank_generate(rank, world, model_path, plans, mesh, out_dir, prompts):
-    from shardwise.generation import generate
     from shardwise.parallel.comm import Collectives
     from shardwise.parallel.fsdp import StorageGather
     from shardwise.parallel.swapped import InputSplitLinear, OutputSplitLinear
@@ -161,17 +162,27 @@ def _rank_generate(rank, world, model_path, plans, mesh, out_dir, prompts):
         sharded = load_sharded(model_path, "float32", plan)
         sharded.module.register_forward_pre_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
         sent["bytes"] = 0.0
-        generate(sharded.module, prompts, 1, 0, (), comm=sharded.comm)  # the prefill alone
+        _generate(sharded, prompts, 1)  # the prefill alone
         prefill = sent["bytes"]
         calls["gather"] = calls["forward"] = 0
         sent["bytes"] = 0.0
-        gen = generate(sharded.module, prompts, NEW_TOKENS, 0, (), comm=sharded.comm, keep_logits=True)
+        gen = _generate(sharded, prompts, NEW_TOKENS, keep_logits=True)
         results[key] = {"tokens": gen.tokens, "logits": gen.step_logits, "held": sharded.stats.bytes_held,
                         "gathers_per_forward": calls["gather"] / max(1, calls["forward"]),
                         "swapped": sorted({f"{type(m).__name__} {n}" for n, m in sharded.module.named_modules()
                                            if isinstance(m, (InputSplitLinear, OutputSplitLinear))}),
                         "sent_per_token": (sent["bytes"] - prefill) / (NEW_TOKENS - 1)}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def _generate(sharded, prompts, new_tokens, **kw):
+    """Generation as the runner does it: a batch the plan splits over fsdp/data is divided among replicas."""
+    from shardwise.generation import generate
+    from shardwise.parallel.data import generate_split
+
+    if sharded.batch_split is not None:
+        return generate_split(sharded.batch_split, sharded.module, prompts, new_tokens, 0, (), **kw)
+    return generate(sharded.module, prompts, new_tokens, 0, (), comm=sharded.comm, **kw)
 
 
 def _run(model_path, plans, mesh, out_dir, prompts=PROMPTS):
@@ -265,6 +276,27 @@ model.norm: [null, null, null]
 """
 
 
+# Column-parallel outputs (q/k/v, gate/up: split by features over tensor as computed) split over tensor along
+# another dimension: gathered by features, placed, and the rank's own features sliced back (GSPMD: any spec runs).
+# (k_proj keeps its features split and is placed over fsdp alone: its local features are sliced and gathered.)
+ACROSS_FEATURES = """
+model.embed_tokens.weight: [tensor, null]
+model.layers.*.self_attn.q_proj.weight: [tensor, null]
+model.layers.*.self_attn.k_proj.weight: [tensor, null]
+model.layers.*.self_attn.v_proj.weight: [tensor, null]
+model.layers.*.self_attn.o_proj.weight: [null, tensor]
+model.layers.*.mlp.gate_proj.weight: [tensor, null]
+model.layers.*.mlp.up_proj.weight: [tensor, null]
+model.layers.*.mlp.down_proj.weight: [null, tensor]
+lm_head.weight: [tensor, null]
+model.layers.*.self_attn.q_proj: [null, tensor, null]
+model.layers.*.self_attn.v_proj: [tensor, null, null]
+model.layers.*.mlp.up_proj: [[fsdp, tensor], null, null]
+model.layers.*.mlp.gate_proj: [fsdp, tensor, null]
+model.layers.*.self_attn.k_proj: [fsdp, null, tensor]
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "mesh"), [("llama3_rope", "tensor=3"), ("qwen2_bias", "tensor=4")])
 def test_swapped_linears_with_padding_and_biases(tiny_models, tmp_path, model, mesh):
@@ -308,3 +340,18 @@ def test_on_device_sampling_over_a_row_parallel_lm_head(tiny_models, tmp_path):
         assert r[(name, False)][0] == r[(name, True)][0], name
         assert all(torch.equal(a, b) for a, b in zip(r[(name, False)][1], r[(name, True)][1])), name
     assert r[("top_k", True)][0] != r[("greedy", True)][0]  # sampling did sample
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["fsdp=1,tensor=2", "fsdp=2,tensor=2"])
+def test_column_parallel_output_split_across_features_generates_what_one_process_does(
+        tiny_models, tmp_path, reference, mesh):
+    path = tmp_path / "across.yaml"
+    path.write_text(ACROSS_FEATURES)
+    _check(tiny_models["gqa9_tied"], tmp_path, mesh, reference["builtin"], {"across": str(path)})
+    report = estimate_capacity(tiny_models["gqa9_tied"], sharding_config=str(path), mesh=mesh,
+                               torch_dtype="float32", batch_size=len(PROMPTS))
+    regathered = [c for c in report.extra if "column-parallel output gathered to be placed" in c.what]
+    # q_proj, v_proj, up_proj, gate_proj: each gathered whole before it is placed, once per layer.
+    layers = json.loads((tiny_models["gqa9_tied"] / "config.json").read_text())["num_hidden_layers"]
+    assert len(regathered) == 4 and all(c.count == layers for c in regathered), regathered

@@ -171,13 +171,22 @@ def test_two_d_mesh_rings_per_axis_and_fsdp_gathers(tiny_raw, tmp_path):
     report = estimate_capacity(cfg, sharding_config=example, batch_size=4, seq_len=16, torch_dtype="float32")
     one_d = estimate_capacity(cfg, tp_degree=4, batch_size=4, seq_len=16, torch_dtype="float32")
     assert report.mesh.world_size == 8
-    # The batch rules (model.layers.*: [fsdp, ...]) place outputs split at the boundary and gather them back:
-    # every fsdp replica still generates (and caches) the whole batch, and the gathers are listed as extra.
-    assert report.ranks[0].kv_cache_bytes == one_d.ranks[0].kv_cache_bytes
-    placed = [c for c in report.extra if c.what.startswith("model.layers.*: output placed as [fsdp, null, null]")]
-    assert placed and placed[0].count == 2 and placed[0].group == 2 and placed[0].bytes == 4 * 72 * 4
+    # The batch rules (model.layers.*, lm_head: [fsdp, ...]) divide the batch between the two fsdp replicas:
+    # each caches and sums its 2 rows, and nothing is placed and gathered back at the boundary.
+    assert report.rank_batch == 2 and "batch 4 (2 per replica)" in report.format()
+    assert "Data parallelism: the batch is split over fsdp: 2 replicas, each generating 2 of the 4 rows" in \
+        report.format()
+    assert report.ranks[0].kv_cache_bytes * 2 == one_d.ranks[0].kv_cache_bytes
+    assert not report.extra
     by_what = {c.what.split(":")[0]: c for c in report.collectives}
     assert by_what["model.layers.*.mlp.down_proj"].group == 4  # row-parallel sum over the tensor axis
+    assert by_what["model.layers.*.mlp.down_proj"].bytes == 2 * 72 * 4  # one replica's rows
+    # Placed (not divided) when the batch rules disagree: every replica computes the whole batch.
+    mixed = estimate_capacity(cfg, sharding_config=example, batch_size=4, seq_len=16, torch_dtype="float32",
+                              overrides=["lm_head=[[fsdp,tensor],null,null]"])
+    assert mixed.ranks[0].kv_cache_bytes == one_d.ranks[0].kv_cache_bytes
+    placed = [c for c in mixed.extra if c.what.startswith("model.layers.*: output placed as [fsdp, null, null]")]
+    assert placed and placed[0].count == 2 and placed[0].group == 2 and placed[0].bytes == 4 * 72 * 4
     gather = by_what["model.layers.*.mlp.up_proj.weight"]  # stored split over fsdp, gathered each step
     assert gather.kind == "all-gather" and gather.group == 2 and gather.count == 2
     assert gather.bytes == 24 * 72 * 4  # this rank's tensor slice (96 / 4 rows), whole along fsdp

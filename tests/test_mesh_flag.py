@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -107,3 +108,29 @@ def test_run_refuses_a_mesh_that_disagrees_with_the_ranks(tiny_model_dir, tmp_pa
     assert_one_line_error(shardwise("shard", "--model-path", str(tiny_model_dir), "--sharding-config",
                                     str(transposed), "--compiled-model-path", str(tmp_path / "c")),
                           "pre-sharded checkpoints hold plans the parallel layers compute with as stored")
+
+
+def test_plan_lists_the_extra_collectives_of_a_non_megatron_torchprime_plan(tmp_path, tiny_raw):
+    """docs/plans/torchprime-fsdp-tp-mixed.yaml (the sample in docs/plans.md): q_proj stored [fsdp, tensor] is
+    gathered over its fsdp group and computed row-parallel (an all-reduce of its output); o_proj's output is
+    placed by features over tensor and gathered back; the batch split over fsdp of the o_proj, decoder-layer and
+    lm_head rules divides the batch (no extra collective)."""
+    (tmp_path / "config.json").write_text(json.dumps(tiny_raw))
+    layers = tiny_raw["num_hidden_layers"]
+    code, out, err = shardwise("plan", "--model-path", str(tmp_path), "--sharding-config",
+                               "docs/plans/torchprime-fsdp-tp-mixed.yaml", "--mesh", "fsdp=2,tensor=2")
+    assert code == 0, err
+    line = re.compile(r"^\s+(\S+)\s+(\d+) x .* over\s+(\d+) ranks\s+(\S+): .*<- extra$")
+    # (kind, count, group size, what): one line per collective the fast plan does not have.
+    got = sorted((m[1], int(m[2]), int(m[3]), m[4]) for m in map(line.match, out.splitlines()) if m)
+    assert got == sorted([
+        ("all-reduce", layers, 2, "model.layers.*.self_attn.q_proj"),  # row-parallel: its output summed
+        ("all-gather", layers, 2, "model.layers.*.self_attn.o_proj"),  # [fsdp, null, tensor]: its 72 features in 2
+    ]), out
+    total = re.search(r"extra \(.*\): (\d+) collective\(s\), ([\d.]+) (\w+) sent per rank per token", out)
+    assert total and int(total.group(1)) == 2 * layers, out
+    assert "Data parallelism: the batch is split over fsdp: 2 replicas" in out
+    # The Megatron-shaped FSDP x TP file costs no extra collectives at all.
+    code, out, _ = shardwise("plan", "--model-path", str(tmp_path), "--sharding-config",
+                             "docs/plans/llama-fsdp-tp.yaml")
+    assert code == 0 and "q_proj.weight: weight stored split over fsdp" in out

@@ -237,9 +237,26 @@ def test_module_rules_shard_outputs_and_tuple_index(tmp_path, tiny_config, tiny_
                                   "model.layers.*[0]": (None, None, None), "lm_head": (None, None, None)}
 
 
+def test_column_parallel_output_split_over_tensor_across_features_is_regathered(tmp_path, tiny_config, tiny_shapes):
+    """Not refused (GSPMD: any valid spec runs): placed on the whole output, its features gathered first."""
+    from shardwise.parallel.activations import placed_rules
+    from shardwise.parallelize import native_outputs
+
+    plan = user_plan(tmp_path, """
+        sharding:
+          model.layers.*.mlp.up_proj.weight: [tensor, null]
+          model.layers.*.mlp.gate_proj.weight: [tensor, null]
+          model.layers.*.mlp.down_proj.weight: [null, tensor]
+          model.layers.*.mlp.up_proj: [null, tensor, null]
+          model.layers.*.mlp.gate_proj: [null, null, tensor]
+    """)
+    layout = layout_of(tiny_shapes, tiny_config, plan, 2)
+    placed = placed_rules(layout, native_outputs(layout))
+    assert {(p.module, p.spec, p.regather) for p in placed} == {
+        (f"model.layers.{i}.mlp.up_proj", (None, "tensor", None), True) for i in range(tiny_config.num_layers)}
+
+
 @pytest.mark.parametrize("rule, msg", [
-    ("model.layers.*.mlp.up_proj: [null, tensor, null]", "the output of model.layers.0.mlp.up_proj is column-parallel, "
-                                                         "split by features over 'tensor'"),
     ("model.layers.*.mlp: [null, null, null, null]", "has 4 entries but module outputs have 3 dimensions"),
     ("model.layers.*.mlp: [data, null, null]", "axis 'data' is not in the mesh"),
     ("model.layerz.*[0]: [null, null, null]", "matches no module; nearest real names: model.layers.*"),

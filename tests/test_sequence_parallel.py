@@ -41,8 +41,6 @@ def test_norm_outputs_kept_whole_are_gathered_at_the_norm(tiny_config, tiny_shap
      "the rule for model.layers.0.input_layernorm splits the sequence over 'tensor', which needs sequence parallelism"),
     (["model.norm=[null,tensor,null]"], True, "generation takes the last position of model.norm's output"),
     (["model.layers.*=[null,null,null]"], True, "the output of model.layers.0 is the residual stream"),
-    (["model.layers.*.self_attn.q_proj=[null,tensor,null]"], True,
-     "output of model.layers.0.self_attn.q_proj is column-parallel"),
 ])
 def test_inconsistent_sequence_rules_are_refused(tiny_config, tiny_shapes, overrides, sp, msg):
     with pytest.raises(ShardwiseError, match=msg):
@@ -68,12 +66,13 @@ def test_capacity_estimate_sequence_parallelism_adds_no_bytes_per_token(tiny_raw
     assert sp.sent_per_rank == pytest.approx(plain.sent_per_rank)
 
 
-def _rank_logits(rank, world, model_path, sp, out_dir):
+def _rank_logits(rank, world, model_path, sp, out_dir, overrides=(), name=None):
     from shardwise.generation import generate
     from shardwise.plan import resolve_plan
     from shardwise.sharded_model import load_sharded
 
-    sharded = load_sharded(model_path, "float32", resolve_plan("llama", sequence_parallel=sp))
+    plan = resolve_plan("llama", overrides=list(overrides), sequence_parallel=sp)
+    sharded = load_sharded(model_path, "float32", plan)
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     sent = sharded.comm.sent
     generate(sharded.module, prompts, 1, 0, (), comm=sharded.comm)  # the prefill alone
@@ -83,7 +82,7 @@ def _rank_logits(rank, world, model_path, sp, out_dir):
     decode = {k: v - prefill.get(k, 0) for k, v in sent.items()}  # 4 decode steps' bytes, per collective
     if rank == 0:
         torch.save({"tokens": gen.tokens, "logits": gen.step_logits, "decode": decode},
-                   f"{out_dir}/{'sp' if sp else 'tp'}.pt")
+                   f"{out_dir}/{name or ('sp' if sp else 'tp')}.pt")
 
 
 @pytest.mark.slow
@@ -100,3 +99,18 @@ def test_sequence_parallel_generates_what_tensor_parallelism_does(tiny_checkpoin
     # token instead of padding a gather, so a generated token costs the same bytes as without it.
     assert "reduce-scatter" in sp["decode"] and "all-reduce" not in sp["decode"]
     assert sum(sp["decode"].values()) == pytest.approx(sum(tp["decode"].values()))
+
+
+@pytest.mark.slow
+def test_column_parallel_outputs_split_by_sequence_run_with_sequence_parallelism(tiny_checkpoint, tmp_path):
+    """q_proj's output (split by features as computed) placed by sequence over 'tensor' beside the
+    sequence-parallel stream, at TP 3 with uneven slices: gathered, placed, sliced back; tokens unchanged."""
+    from shardwise.parallel.launch import launch
+
+    rules = ["model.layers.*.self_attn.q_proj=[null,tensor,null]", "model.layers.*.mlp.up_proj=[tensor,null,null]"]
+    launch(_rank_logits, 3, (str(tiny_checkpoint), True, str(tmp_path), rules, "placed"))
+    launch(_rank_logits, 3, (str(tiny_checkpoint), False, str(tmp_path)))
+    placed, tp = torch.load(tmp_path / "placed.pt"), torch.load(tmp_path / "tp.pt")
+    assert placed["tokens"] == tp["tokens"]
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(placed["logits"], tp["logits"]))
+    assert placed["decode"]["all-gather"] > tp["decode"].get("all-gather", 0)  # the placements' gathers

@@ -8,10 +8,12 @@ multi-byte characters arrive split over tokens, which is what incremental detoke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -619,16 +621,13 @@ API_KEY = "test-key"
 SEQ_LEN = 512
 
 
-@pytest.fixture(scope="module")
-def real_server(smollm2, tmp_path_factory):
-    """`shardwise serve` on the real SmolLM2 at TP 2, port 0, once for the module; stopped by its PID."""
-    pytest.importorskip("openai")
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+@contextlib.contextmanager
+def serving(args: list[str], log_path: Path):
+    """`shardwise serve ARGS --port 0` in a subprocess: yields (url, served model name); stopped by its PID."""
     src = str(Path(__import__("shardwise").__file__).resolve().parents[1])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "shardwise", "serve", "--model-path", str(smollm2), "--tp-degree", "2",
-           "--port", "0", "--seq-len", str(SEQ_LEN), "--max-batch-size", "8", "--api-key", API_KEY]
+    cmd = [sys.executable, "-m", "shardwise", "serve", *args, "--port", "0"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True,
                                 start_new_session=True)  # its own process group: ranks included in the last resort
@@ -663,6 +662,16 @@ def real_server(smollm2, tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGKILL)  # the group of the server we started, by its PID
                 proc.wait()
         assert proc.returncode == 0, log_path.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def real_server(smollm2, tmp_path_factory):
+    """`shardwise serve` on the real SmolLM2 at TP 2, port 0, once for the module; stopped by its PID."""
+    pytest.importorskip("openai")
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    with serving(["--model-path", str(smollm2), "--tp-degree", "2", "--seq-len", str(SEQ_LEN),
+                  "--max-batch-size", "8", "--api-key", API_KEY], log_path) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -768,3 +777,46 @@ def test_real_client_disconnect_mid_stream(real_server, openai_client):
     r = openai_client.completions.create(model=model, prompt="2 + 2 =", max_tokens=8, temperature=0)
     assert r.choices[0].text
     assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+# torchprime's flat form: no `mesh:` section, the mesh comes from --mesh.
+FLAT_FSDP = """
+model.embed_tokens.weight: [tensor, fsdp]
+model.layers.*.self_attn.q_proj.weight: [tensor, fsdp]
+model.layers.*.self_attn.k_proj.weight: [tensor, fsdp]
+model.layers.*.self_attn.v_proj.weight: [tensor, fsdp]
+model.layers.*.self_attn.o_proj.weight: [fsdp, tensor]
+model.layers.*.mlp.gate_proj.weight: [tensor, fsdp]
+model.layers.*.mlp.up_proj.weight: [tensor, fsdp]
+model.layers.*.mlp.down_proj.weight: [fsdp, tensor]
+model.norm.weight: [fsdp]
+lm_head.weight: [tensor, fsdp]
+"""
+
+
+@pytest.mark.slow
+def test_serve_with_mesh_flag_answers_what_run_generates(tiny_models, tmp_path, capsys):
+    """`serve --mesh fsdp=2,tensor=1` with a flat plan file (refused without the flag: the file has no mesh)
+    answers a greedy completion with what `shardwise run` generates for the same prompt."""
+    pytest.importorskip("openai")
+    import openai
+    from conftest import TINY, save_word_tokenizer
+
+    from shardwise.cli import main
+
+    model = tmp_path / "model"  # a private copy: the session's checkpoint stays without a tokenizer
+    shutil.copytree(tiny_models["gqa9_tied"], model)
+    save_word_tokenizer(model, TINY["vocab_size"])
+    plan = tmp_path / "flat.yaml"
+    plan.write_text(FLAT_FSDP)
+    prompt, flags = "w52 w100 w56 w8 w36 w68", ["--sharding-config", str(plan), "--mesh", "fsdp=2,tensor=1"]
+    assert main(["run", "--model-path", str(model), *flags, "--no-chat-template", "--prompt", prompt,
+                 "--max-new-tokens", "8", "--seq-len", "64"]) == 0
+    ran = re.search(r"^Output: (.*)$", capsys.readouterr().out, re.M).group(1)
+    assert len(set(ran.split())) > 1  # not one token repeated: a wrong mesh or plan would show
+    log = tmp_path / "serve.log"
+    with serving(["--model-path", str(model), *flags, "--seq-len", "64", "--max-batch-size", "2"], log) as (url, name):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
+    assert r.choices[0].text == ran and r.usage.completion_tokens == 8
+    assert "Sharding weights for ranks: 0...1" in log.read_text()  # two ranks: fsdp=2 x tensor=1

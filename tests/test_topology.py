@@ -218,3 +218,39 @@ def test_several_partitions_run_one_job_each(tiny_model_dir, tmp_path, capsys):
     assert "Partition 'partition0': job 1 of 2" in out.err and "Partition 'partition1': job 2 of 2" in out.err
     assert out.err.count("numCores capped") == 2 and out.err.count("Accuracy check (token-matching) passed") == 2
     assert "partition 'partition1' (cpu, p2p links)" in out.err and out.out.count("Prompt: w5 w17 w3") == 2
+
+
+SEVERAL = {"partitions": [{"name": "pair", "devices": [{"deviceId": d, "numCores": 4} for d in (0, 1)]},
+                          {"name": "quad", "devices": [{"deviceId": d, "numCores": 4} for d in (2, 3, 4, 5)]}],
+           "connections": [{"devices": [2, 3, 4, 5], "type": "p2p"}]}
+
+
+def test_plan_without_partition_reports_every_partition(tmp_path, tiny_raw, capsys):
+    """Each partition is its own job (as `run` runs them), so `plan` gives one section per partition."""
+    (tmp_path / "config.json").write_text(json.dumps(tiny_raw))
+    pc = tmp_path / "pc.json"
+    pc.write_text(json.dumps(SEVERAL))
+    assert main(["plan", "--model-path", str(tmp_path), "--partition-config", str(pc)]) == 0
+    out = capsys.readouterr().out
+    sections = out.split("Partition ")[1:]
+    assert [s.splitlines()[0] for s in sections] == ["'pair': job 1 of 2", "'quad': job 2 of 2"]
+    assert "mesh tensor=2 (2 ranks)" in sections[0] and "mesh tensor=4 (4 ranks)" in sections[1]
+    assert "over   2 ranks" in sections[0] and "over   4 ranks" in sections[1]
+    assert main(["plan", "--model-path", str(tmp_path), "--partition-config", str(pc), "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)["partitions"]
+    assert list(reports) == ["pair", "quad"] and [r["mesh"] for r in reports.values()] == [{"tensor": 2},
+                                                                                          {"tensor": 4}]
+    # --partition picks one: the plain report, as with a config of one partition.
+    assert main(["plan", "--model-path", str(tmp_path), "--partition-config", str(pc), "--partition", "quad"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Model ") and "mesh tensor=4 (4 ranks)" in out and "Partition " not in out
+
+
+def test_serve_with_several_partitions_needs_one_before_loading(tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    pc = tmp_path / "pc.json"
+    pc.write_text(json.dumps(SEVERAL))
+    assert main(["serve", "--model-path", str(tmp_path / "absent"), "--partition-config", str(pc)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"shardwise: error: {pc} has 2 partitions (pair, quad); a server is one job: choose one with "
+                   "--partition NAME")

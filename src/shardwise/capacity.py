@@ -118,10 +118,18 @@ class CapacityReport:
     link: str  # the link this mesh's ring uses: p2p or host
     links: Links
     uncovered: list[str] = field(default_factory=list)
+    rank_batch: int | None = None  # rows one rank carries when the plan divides the batch among replicas
+    divisions: list[str] = field(default_factory=list)  # data / context parallelism the plan turns on, in words
 
     @property
     def fits(self) -> bool:
         return all(r.fits for r in self.ranks)
+
+    @property
+    def batch_shown(self) -> str:
+        if self.rank_batch is None or self.rank_batch == self.batch_size:
+            return f"batch {self.batch_size}"
+        return f"batch {self.batch_size} ({self.rank_batch} per replica)"
 
     def comm_seconds(self, kind: str) -> float:
         bw, lat = self.links.figures(kind)
@@ -141,7 +149,8 @@ class CapacityReport:
         return {
             "model": self.model, "shapes_from": self.shapes_from,
             "mesh": dict(zip(self.mesh.axis_names, self.mesh.axis_sizes)), "world_size": self.mesh.world_size,
-            "dtype": self.dtype, "batch_size": self.batch_size, "seq_len": self.seq_len,
+            "dtype": self.dtype, "batch_size": self.batch_size, "rank_batch": self.rank_batch or self.batch_size,
+            "seq_len": self.seq_len,
             "memory_source": self.memory_source, "fits": self.fits,
             "ranks": [{**asdict(r), "total_bytes": r.total_bytes, "fits": r.fits} for r in self.ranks],
             "per_token": {
@@ -152,14 +161,14 @@ class CapacityReport:
                 "seconds_p2p": self.comm_seconds(P2P), "seconds_host": self.comm_seconds(HOST),
                 "link": self.link,
             },
-            "links": asdict(self.links), "replicated_uncovered": self.uncovered,
+            "links": asdict(self.links), "replicated_uncovered": self.uncovered, "divisions": self.divisions,
         }
 
     def format(self) -> str:
         n = self.mesh.world_size
         lines = [
             f"Model {self.model} (shapes from {self.shapes_from}); mesh {self.mesh.describe()} ({n} rank"
-            f"{'s' if n != 1 else ''}); {self.dtype}; batch {self.batch_size} x seq_len {self.seq_len}",
+            f"{'s' if n != 1 else ''}); {self.dtype}; {self.batch_shown} x seq_len {self.seq_len}",
             f"Memory per rank: {self.memory_source}",
             "",
             f"{'ranks':<10} {'device':<8} {'params':>10} {'KV cache':>10} {'activations':>11} {'total':>10} "
@@ -171,7 +180,7 @@ class CapacityReport:
                          f"{_gib(r.activation_bytes):>11} {_gib(r.total_bytes):>10} {_gib(r.memory_bytes):>10}  "
                          f"{'yes' if r.fits else 'NO'}")
         lines += ["", f"Fits: {'yes' if self.fits else 'NO'}", "",
-                  f"Collectives per generated token (batch {self.batch_size}; rings over the ranks of one axis "
+                  f"Collectives per generated token ({self.batch_shown}; rings over the ranks of one axis "
                   "group):"]
         if not self.collectives:
             lines.append("  none")
@@ -195,6 +204,8 @@ class CapacityReport:
             ]
         if self.uncovered:
             lines += ["", f"Replicated (no rule): {', '.join(self.uncovered)}"]
+        if self.divisions:
+            lines += [""] + self.divisions
         lines += ["", ACTIVATION_NOTE]
         return "\n".join(lines)
 
@@ -204,8 +215,9 @@ ACTIVATION_NOTE = (
     "autograd state): hidden states (4 x hidden), this rank's q/k/v columns and MLP intermediate (3 x), "
     "attention scores batch x local heads x seq_len^2 and the boolean mask, in the compute dtype; plus "
     "float32 logits of the last position (local and gathered); plus, with weights stored split over fsdp, one "
-    "decoder layer's weights gathered. Fused attention kernels need less. A batch split over fsdp by the "
-    "plan's model.layers.* rule counts per rank.")
+    "decoder layer's weights gathered. Fused attention kernels need less. A batch the plan splits over "
+    "fsdp/data is divided among the replicas: KV cache, activations and collectives count one replica's rows; "
+    "a sequence split over context prefills one chunk of queries per rank (the KV cache stays whole).")
 
 
 def _gib(n: float) -> str:
@@ -331,7 +343,7 @@ def estimate_capacity(
         memory_source = f"this machine's RAM ({total / GIB:.1f} GiB MemTotal in /proc/meminfo) / {n} ranks"
     devices = [f"cuda:{i}" for i in (device_ids or range(n))] if cuda else ["cpu"] * n
     fam = family(config.family)
-    batch = _local_batch(layout, batch_size, fam.role("layer"))
+    batch = _local_batch(layout, batch_size)
     ranks = []
     for r in range(n):
         params = red.storage.rank_bytes(r, itemsize)
@@ -341,34 +353,61 @@ def estimate_capacity(
                                                                             itemsize), memory[r]))
     uncovered = sorted({generic_name(u) for u in red.storage.uncovered})
     return CapacityReport(str(model_path), shapes_from, mesh, dtype_name, batch_size, seq_len, memory_source, ranks,
-                      _collectives(red, config, batch, itemsize), link, links, uncovered)
+                      _collectives(red, config, batch, itemsize), link, links, uncovered, batch,
+                      _divisions(layout, batch_size, batch))
 
 
-def _local_batch(layout: Layout, batch: int, layer: str) -> int:
-    """The batch one rank carries: the whole batch. A rule splitting decoder-layer outputs' batch over fsdp
-    places them split at the boundary (an extra all-gather, listed), but every replica still generates
-    the whole batch."""
-    return batch
+def _divisions(layout: Layout, batch: int, rank_batch: int) -> list[str]:
+    """The work the plan divides (parallel/data.py, parallel/context.py), one line each."""
+    from .parallel.context import sequence_axes
+    from .parallel.data import batch_axes, replicas
+
+    out = []
+    axes = batch_axes(layout)
+    if axes:
+        out.append(f"Data parallelism: the batch is split over {'x'.join(axes)}: {replicas(layout.mesh, axes)} "
+                   f"replicas, each generating {rank_batch} of the {batch} rows (placeholders fill a short share)")
+    axes = sequence_axes(layout)
+    if axes:
+        parts = math.prod(layout.mesh.size(a) for a in axes)
+        out.append(f"Context parallelism: prompts are prefilled in {parts} chunks over {'x'.join(axes)} (keys and "
+                   "values all-gathered per layer, the KV cache whole on every rank); decode runs whole")
+    return out
+
+
+def _local_batch(layout: Layout, batch: int) -> int:
+    """The batch one rank carries: its replica's share when the plan divides the batch among replicas
+    (``parallel/data.py``: ``ceil(batch / replicas)`` rows, placeholders included), else the whole batch."""
+    from .parallel.data import batch_axes, local_batch, replicas
+
+    return local_batch(batch, replicas(layout.mesh, batch_axes(layout)))
 
 
 def _activation_bytes(red: Redistribution, config: ModelConfig, rank: int, batch: int, seq: int,
                       itemsize: int) -> int:
-    """Peak transient bytes of a prefill of ``batch x seq`` tokens; see ACTIVATION_NOTE."""
+    """Peak transient bytes of a prefill of ``batch x seq`` tokens; see ACTIVATION_NOTE. With the sequence
+    split over context (``parallel/context.py``) a rank prefills one chunk: its queries over every key."""
+    from .parallel.context import chunk_of, sequence_axes
+
     layout = red.compute
-    tokens = batch * seq
+    axes = sequence_axes(layout)
+    queries = chunk_of(seq, math.prod(layout.mesh.size(a) for a in axes))[0] if axes else seq
+    tokens = batch * queries
     fam = family(config.family)
     p = fam.role("layer") + "."
     q, kv, inter = (_rows(layout, fam.role(role), rank) for role in ("q", "k", "mlp_in"))
     heads = q // config.head_dim
     vocab_local = _rows(layout, fam.role("output"), rank)
     hidden_states = tokens * itemsize * (4 * config.hidden_size + q + 2 * kv + 3 * inter)
-    scores = batch * heads * seq * seq * itemsize + batch * seq * seq  # scores + boolean mask
+    scores = batch * heads * queries * seq * itemsize + batch * queries * seq  # scores + boolean mask
     logits = batch * 4 * (vocab_local + config.vocab_size)
     gathered = 0  # one decoder layer's weights, all-gathered (fsdp storage, redistribution) while it runs
     for m in red.gathers():
         if m.name.startswith(p):
             held = math.prod(red.storage.tensors[m.name].shards[rank].local_shape)
             gathered += (m.gathered_elements(red.storage) - held) * itemsize
+    if axes:  # one layer's keys and values of every chunk, gathered over the context group
+        gathered += batch * seq * 2 * kv * itemsize
     return hidden_states + scores + logits + gathered
 
 
@@ -440,12 +479,19 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
     from .parallelize import native_outputs
 
     embedding = family(config.family).roles.get("embedding")
-    for spec, index, module in placed_rules(layout, native_outputs(layout, embedding)):
+    native = native_outputs(layout, embedding)
+    for spec, index, module, regather in placed_rules(layout, native):
         weight = layout.tensors.get(f"{module}.weight")
         features = weight.shape[0] if weight is not None and len(weight.shape) == 2 and module != embedding \
             else config.hidden_size
         if module == layout.output:
             features = config.vocab_size
+        shown = f"{generic_name(module)}{'' if index is None else f'[{index}]'}"
+        if regather:  # split by features over tensor as computed: gathered whole before it is placed
+            add("all-gather", token * weight.shards[0].local_shape[0] * tp, f"{shown}: column-parallel output "
+                f"gathered to be placed as {_show(spec)}", tp, True)
+        elif native.get(module) == -1:  # placed over other axes as computed: the rank's features only
+            features = weight.shards[0].local_shape[0]
         for d, entry in enumerate(spec):
             axes = [a for a in spec_axes(entry) if mesh.size(a) > 1]
             if axes:
@@ -453,7 +499,6 @@ def _collectives(red: Redistribution, config: ModelConfig, batch: int, itemsize:
                 # The decode step's output [batch, 1, features]; the split dimension is padded to equal pieces.
                 size = (batch, 1, features)[d] if d < 3 else 1
                 padded = -(-size // parts) * parts
-                shown = f"{generic_name(module)}{'' if index is None else f'[{index}]'}"
                 add("all-gather", token * features // size * padded, f"{shown}: output placed as {_show(spec)}, "
                     "gathered back for the next module", parts, True)
     # Sequence parallelism: a decode step's one token sits on rank 0, so each gather is a broadcast of it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--enable-bucketing", action="store_true",
          help="prefill and decode on a few static shapes: prompts padded to a context-encoding bucket, decode "
               "attending over a token-generation bucket of KV slots (same tokens)")
+    _add(run, "--compile-decode", action="store_true",
+         help="compile the decode step with torch.compile, one graph per token-generation bucket (implies "
+              "--enable-bucketing; on CUDA mode reduce-overhead, i.e. CUDA graphs); the first step of each bucket "
+              "pays the compilation (the log and benchmark_report.json give its seconds)")
     _add(run, "--context-encoding-buckets", type=int, nargs="+", default=None, metavar="N",
          help="prompt-length buckets (default with --enable-bucketing: powers of 2 from 128 to --max-context-length)")
     _add(run, "--token-generation-buckets", type=int, nargs="+", default=None, metavar="N",
@@ -315,7 +320,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         draft_model_path=args.draft_model_path, speculation_length=args.speculation_length,
         speculation_type=args.speculation_type, draft_model_tp_degree=args.draft_model_tp_degree,
         enable_bucketing=args.enable_bucketing, context_encoding_buckets=args.context_encoding_buckets,
-        token_generation_buckets=args.token_generation_buckets,
+        token_generation_buckets=args.token_generation_buckets, compile_decode=args.compile_decode,
         **nxd_options(args),
         mesh=args.mesh,
     )
@@ -342,6 +347,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise ShardwiseError(f"{flag} must be at least {least}, got {value}")
     if not 0 <= args.port <= 65535:
         raise ShardwiseError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.partition_config and args.partition is None:
+        from .topology import load_partition_config
+
+        pc = load_partition_config(args.partition_config)
+        if len(pc.partitions) > 1:
+            raise ShardwiseError(f"{pc.source} has {len(pc.partitions)} partitions "
+                                 f"({', '.join(p.name for p in pc.partitions)}); a server is one job: choose one "
+                                 "with --partition NAME")
     if args.model_path is None and args.skip_sharding and args.compiled_model_path:
         model_path = args.compiled_model_path
     else:
@@ -361,15 +374,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    """One report; with a partition config of several partitions and no --partition, one per partition
+    (each partition is its own job, as `run` runs them)."""
     from .capacity import Links, estimate_capacity, report_json
+    from .topology import load_partition_config
 
-    report = estimate_capacity(
-        args.model_path, args.tp_degree, args.partition_config, args.partition, args.batch_size, args.seq_len,
+    names = [args.partition]
+    if args.partition_config and args.partition is None:
+        names = [p.name for p in load_partition_config(args.partition_config).partitions]
+    reports = {name: estimate_capacity(
+        args.model_path, args.tp_degree, args.partition_config, name, args.batch_size, args.seq_len,
         args.torch_dtype, args.device, args.device_memory_gib, args.sharding_config, args.overrides,
         Links(args.p2p_gbps, args.p2p_latency_us, args.host_gbps, args.host_latency_us),
         args.sequence_parallel_enabled, args.mesh,
-    )
-    print(report_json(report) if args.json else report.format())
+    ) for name in names}
+    if len(reports) == 1:
+        report = next(iter(reports.values()))
+        print(report_json(report) if args.json else report.format())
+    elif args.json:
+        print(json.dumps({"partitions": {name: r.to_dict() for name, r in reports.items()}}, indent=2))
+    else:
+        print("\n\n".join(f"Partition {name!r}: job {i} of {len(reports)}\n{r.format()}"
+                           for i, (name, r) in enumerate(reports.items(), 1)))
     return 0
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import sampler
+from .compiled_decode import CompiledDecode
 from .decode_buckets import DecodeBuckets
 from .kv_cache import KVCache
 from .parallel.comm import Collectives
@@ -44,6 +45,7 @@ class Generated:
     step_logits: list[torch.Tensor] = field(default_factory=list)  # [batch, vocab] per step, if kept
     cache_bytes: int = 0
     sampling_bytes_per_step: int = 0  # bytes of logits or candidates gathered to choose one step's tokens
+    rows_per_rank: list[int] | None = None  # a batch divided among replicas (parallel/data.py): real rows per rank
 
 
 def distribution(logits: torch.Tensor, cfg: Sampling) -> torch.Tensor:
@@ -94,6 +96,10 @@ def generate(
     device: torch.device | str = "cpu",
     buckets: DecodeBuckets | None = None,
     on_device_sampling: bool = False,
+    compiled: CompiledDecode | None = None,
+    lockstep: Collectives | None = None,
+    placeholders: int = 0,
+    pad_to: int = 0,
 ) -> Generated:
     """Generate up to ``max_new_tokens`` tokens after each prompt (token ids), all rows in one batch.
 
@@ -106,14 +112,24 @@ def generate(
     on the prompt batch left-padded to its context-encoding bucket and each decode step attends over a
     token-generation bucket of KV slots; the tokens are the same. ``on_device_sampling`` (NxD's flag) has
     each rank reduce its own vocabulary shard to candidates before anything is gathered: the same tokens
-    (greedy, and sampled with the same seed), a fraction of the bytes.
+    (greedy, and sampled with the same seed), a fraction of the bytes. ``compiled`` (``compiled_decode.py``,
+    which needs ``buckets``) runs the decode steps through ``torch.compile``, one graph per bucket.
 
     On a GPU, ids, masks, positions and sampling stay on the device: the prompt's tensors are moved
     once, each step's tokens are chosen (and, when sampled, broadcast) on the device and fed back as
     the next input; the host sees one small copy of the tokens per step, for EOS bookkeeping.
+
+    Data parallelism (``parallel/data.py``) runs one share of a batch per replica: ``lockstep`` (every
+    rank) keeps stepping until every replica's rows are done, as forwards that gather weights over
+    replicas must run on all of them alike; the last ``placeholders`` rows only fill a short share (done
+    from the start, no tokens); ``pad_to`` left-pads the prompts to at least that length (the whole
+    batch's longest, as one process pads them).
     """
     comm = comm or Collectives()
-    batch, longest = len(prompts), max(len(p) for p in prompts)
+    if compiled is not None and buckets is None:
+        raise ValueError("a compiled decode step runs on token-generation buckets: pass buckets too")
+    step_model = compiled if compiled is not None else model
+    batch, longest = len(prompts), max(pad_to, *(len(p) for p in prompts))
     if buckets is not None:
         longest = buckets.context_length(longest)
     total = longest + max_new_tokens
@@ -158,7 +174,7 @@ def generate(
             step_masks = None
         eos = set(eos_token_ids)
         out: list[list[int]] = [[] for _ in range(batch)]
-        done = [False] * batch
+        done = [False] * (batch - placeholders) + [True] * placeholders
         kept = [kept_logits] if kept_logits is not None else []
         steps = 0
         for step in range(max_new_tokens):
@@ -166,7 +182,7 @@ def generate(
                 if not done[i]:
                     out[i].append(t)
                     done[i] = t in eos
-            if all(done) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or _finished(all(done), lockstep):
                 break
             slot = longest + step
             keys = buckets.kv_length(slot + 1) if buckets is not None else slot + 1
@@ -181,17 +197,24 @@ def generate(
             if buckets is not None:  # the bucket's slots after this one are not written yet
                 mask = mask & (slot_index[:keys] <= slot)
                 cache.attend_to = keys
-            logits = model(tokens[:, None], dev_pos[:, slot:slot + 1], mask, cache, slot)  # tokens: on the device
+            logits = step_model(tokens[:, None], dev_pos[:, slot:slot + 1], mask, cache, slot)  # tokens: on device
             tokens, kept_logits = chooser(logits[:, -1])
             if kept_logits is not None:
                 kept.append(kept_logits)
             steps += 1
         synchronize(device)
         t2 = time.perf_counter()
-        prompt_tokens = sum(len(p) for p in prompts)
+        prompt_tokens = sum(len(p) for p in prompts[:batch - placeholders])
         return Generated(out, t1 - t0, t2 - t1, prompt_tokens, steps, kept, cache.nbytes, chooser.step_bytes)
     finally:
         chooser.close()
+
+
+def _finished(done: bool, lockstep: Collectives | None) -> bool:
+    """Whether generation stops: this rank's rows are done and, stepping together, every rank's are."""
+    if lockstep is None or lockstep.world_size == 1:
+        return done
+    return bool(lockstep.host_all_gather(torch.tensor([int(done)], dtype=torch.int32), dim=0).all())
 
 
 class _Chooser:

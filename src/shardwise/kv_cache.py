@@ -31,9 +31,20 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k``/``v`` (``[batch, heads, new, head_dim]``) at slots ``start..``; the keys and values of
-        slots ``0..start+new-1`` to attend over."""
+        slots ``0..start+new-1`` to attend over.
+
+        ``start`` may be a one-element tensor (a compiled decode step, ``compiled_decode.py``): a Python int
+        would be baked into the graph, one compilation per slot. Then the write is an ``index_copy_``, the
+        view is the bucket (``attend_to``), and the caller checks the slot and advances ``length``.
+        """
+        if isinstance(start, torch.Tensor):
+            slots = start + torch.arange(k.shape[2], device=start.device)
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer][:, :, :self.attend_to], self.v[layer][:, :, :self.attend_to]
         if start > self.length:
             raise ShardwiseError(f"KV cache write at slot {start} leaves a gap after slot {self.length - 1}")
         if self.k[layer] is None:
@@ -52,7 +63,7 @@ class KVCache:
         return ck[:, :, :view], cv[:, :, :view]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               start: int) -> torch.Tensor:
+               start: int | torch.Tensor) -> torch.Tensor:
         """Write ``k``/``v`` at slots ``start..`` and attend ``q`` (``[batch, heads, new, head_dim]``) over
         every slot up to them under ``mask``; query and KV heads are paired by position (GQA)."""
         k, v = self.update(layer, k, v, start)

@@ -319,13 +319,12 @@ def _check_split(name: str, rule: Rule | None, spec: Spec, shape: tuple[int, ...
 def _activations(plan: Plan, layouts: dict[str, TensorLayout], mesh: Mesh) -> dict[str, Spec]:
     """Module-output rules, checked: real axes, not longer than an output, and meaningful for the runtime.
 
-    Any placement of an output the runtime computes whole is applied at the module boundary
-    (``parallel/activations.py``: sliced, then gathered back for the next module). A column-parallel
-    output kept split over `tensor` (by features) may keep that split or be gathered, and be placed
-    over other axes; splitting it over `tensor` another way is refused.
+    Any placement runs (GSPMD semantics): an output the runtime computes whole is placed at the module
+    boundary (``parallel/activations.py``: sliced, then gathered back for the next module), and a
+    column-parallel output split over `tensor` by features that a rule splits over `tensor` along another
+    dimension has its features gathered first and its own features sliced back after.
     """
     modules = module_names(list(layouts))
-    stream = set(_stream_modules(plan.sequence, modules)) if plan.sequence else set()
     out: dict[str, Spec] = {}
     for rule in plan.rules:
         if rule.output_index is None and any(rule.regex.match(n) for n in layouts):
@@ -338,28 +337,8 @@ def _activations(plan: Plan, layouts: dict[str, TensorLayout], mesh: Mesh) -> di
             raise ShardwiseError(f"{what}: spec {_show(rule.spec)} has {len(rule.spec)} entries but module outputs "
                                  f"have {plan.activation_rank} dimensions (batch, sequence, features)")
         _check_axes(what, rule.spec, mesh)
-        for d, entry in enumerate(rule.spec):
-            if TENSOR_AXIS not in spec_axes(entry) or mesh.size(TENSOR_AXIS) == 1:
-                continue
-            for m in matched:
-                if m in stream and d == plan.sequence.dim and rule.output_index is None:
-                    continue  # sequence parallelism; checked as a whole in _sequence_parallel
-                weight = layouts.get(f"{m}.weight")
-                column = (weight is not None and len(weight.spec) == 2 and TENSOR_AXIS in spec_axes(weight.spec[0])
-                          and m != plan.output)
-                if column and d != plan.activation_rank - 1 and not _gathered(plan, m):
-                    raise ShardwiseError(
-                        f"{what}: the output of {m} is column-parallel, split by features over 'tensor'; a rule may "
-                        "keep that split ([null, null, tensor]) or gather it ([null, null, null]), not split "
-                        f"dimension {d} over 'tensor'")
         out[rule.pattern] = rule.spec
     return out
-
-
-def _gathered(plan: Plan, module: str) -> bool:
-    """Whether a rule gathers ``module``'s output whole (``[null, null, null]``)."""
-    return any(r.output_index is None and all(e is None for e in r.spec) and _matches(r.pattern, module)
-               for r in plan.rules)
 
 
 def _matches(pattern: str, name: str) -> bool:

@@ -84,10 +84,11 @@ class RunOptions:
     enable_bucketing: bool = False  # NxD's --enable-bucketing: prefill and decode on static shapes (decode_buckets.py)
     context_encoding_buckets: list[int] | None = None  # prompt lengths; default powers of 2 to max_context_length
     token_generation_buckets: list[int] | None = None  # KV-cache lengths; default powers of 2 to seq_len
+    compile_decode: bool = False  # --compile-decode: torch.compile the decode step per bucket (implies bucketing)
 
     def decode_buckets(self):
-        """The decoder buckets these options ask for, or None without --enable-bucketing."""
-        if not self.enable_bucketing:
+        """The decoder buckets these options ask for, or None without --enable-bucketing (or --compile-decode)."""
+        if not (self.enable_bucketing or self.compile_decode):
             return None
         from .decode_buckets import DecodeBuckets
 
@@ -107,6 +108,7 @@ class RunResult:
     report_path: str | None = None
     task: str = "causal-lm"
     speculation: dict | None = None  # acceptance rate, tokens per target forward, speed-up (with --benchmark)
+    rows_per_rank: list[int] | None = None  # a batch divided among replicas: the real rows each rank generated
     outputs: object = None  # encoder tasks: encoders.EncoderOutput (embeddings, class scores, mask predictions)
     partitions: dict[str, RunResult] = field(default_factory=dict)  # several partitions: each one's job
 
@@ -135,11 +137,25 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
 
     buckets = opts.decode_buckets()
     if buckets is not None and speculation is not None:
-        log.info("--enable-bucketing applies to plain decoding; speculation runs at the prompts' own lengths")
+        log.info("--enable-bucketing and --compile-decode apply to plain decoding; speculation runs eagerly at the "
+                 "prompts' own lengths")
+    compiled = None
+    if opts.compile_decode:
+        from .compiled_decode import CompiledDecode
+
+        compiled = CompiledDecode(sharded.module, device)
+
+    def one(batch: list[list[int]], new_tokens: int, keep: bool) -> Generated:
+        if sharded.batch_split is not None:  # the plan divides the batch among replicas (parallel/data.py)
+            from .parallel.data import generate_split
+
+            return generate_split(sharded.batch_split, sharded.module, batch, new_tokens, pad_id, eos, sampling,
+                                  keep, device, buckets, opts.on_device_sampling, compiled)
+        return generate(sharded.module, batch, new_tokens, pad_id, eos, sampling, comm, keep, device,
+                        buckets=buckets, on_device_sampling=opts.on_device_sampling, compiled=compiled)
 
     def plain() -> list[Generated]:
-        return [generate(sharded.module, b, opts.max_new_tokens, pad_id, eos, sampling, comm, keep_logits, device,
-                         buckets=buckets, on_device_sampling=opts.on_device_sampling) for b in batches]
+        return [one(b, opts.max_new_tokens, keep_logits) for b in batches]
 
     def run_all() -> list[Generated]:
         nonlocal spec_stats
@@ -157,8 +173,7 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
 
     runs = 1
     if opts.benchmark:
-        generate(sharded.module, batches[0], min(4, opts.max_new_tokens), pad_id, eos, sampling, comm,
-                 device=device, buckets=buckets, on_device_sampling=opts.on_device_sampling)  # warm-up
+        one(batches[0], min(4, opts.max_new_tokens), False)  # warm-up (with --compile-decode: the first bucket's graph)
         runs = max(1, opts.benchmark_iterations)
     timings = [run_all() for _ in range(runs)]
     results = timings[-1]
@@ -187,6 +202,12 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
         from .accuracy import forced_logits
 
         forced = [forced_logits(sharded.module, b, t, pad_id, device) for b, t in zip(batches, forced_targets)]
+    if rank == 0 and compiled is not None and compiled.simulated:
+        log.info("Compiled decode: the decode steps ran eagerly on the simulated GPUs (torch.compile cannot trace "
+                 "their tensors); on real GPUs they run as CUDA graphs")
+    elif rank == 0 and compiled is not None:
+        log.info("Compiled decode: %d graph(s) (batch, KV slots: %s) in %.1f s", len(compiled.shapes),
+                 ", ".join(f"{b}x{k}" for b, k in sorted(compiled.shapes)), compiled.compile_seconds)
     if rank == 0 and opts.on_device_sampling:
         log.info("On-device sampling: %d bytes gathered per step to choose the tokens",
                  max(g.sampling_bytes_per_step for g in results))
@@ -197,10 +218,19 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
             "load_seconds": load_s, "shard_seconds": shard_s,
             "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
             "threads_per_rank": torch.get_num_threads(),
+            "compile_seconds": compiled.compile_seconds if compiled is not None else None,
             "sampling_bytes_per_step": max(g.sampling_bytes_per_step for g in results),
             "bytes_held_rank0": sharded.stats.bytes_held, "bytes_read_rank0": sharded.stats.bytes_read,
             "speculation": speculation_report,
+            "rows_per_rank": _rows_per_rank(results),
         }, result_path)
+
+
+def _rows_per_rank(generated: list[Generated]) -> list[int] | None:
+    """Real rows each rank generated over all batches, when the plan divides batches among replicas."""
+    if any(g.rows_per_rank is None for g in generated):
+        return None
+    return [sum(rows) for rows in zip(*(g.rows_per_rank for g in generated))]
 
 
 def _decode_rate(generated: list[Generated], by_tokens: bool) -> float:
@@ -353,8 +383,9 @@ def validate(opts: RunOptions):
     longest = max(len(p) for b in batches for p in b)
     opts = replace(opts, max_new_tokens=min(opts.max_new_tokens, opts.seq_len - longest))
     if opts.context_encoding_buckets or opts.token_generation_buckets:
-        if not opts.enable_bucketing:
-            raise ShardwiseError("--context-encoding-buckets and --token-generation-buckets need --enable-bucketing")
+        if not (opts.enable_bucketing or opts.compile_decode):
+            raise ShardwiseError("--context-encoding-buckets and --token-generation-buckets need --enable-bucketing "
+                                 "(or --compile-decode)")
     buckets = opts.decode_buckets()
     if buckets is not None:
         room = min(buckets.room(max(len(p) for p in b)) for b in batches)
@@ -466,7 +497,7 @@ def run(opts: RunOptions) -> RunResult:
         print(f"\nPrompt: {prompt}\nOutput: {text}", flush=True)
     result = RunResult(texts, tokens, data["load_seconds"], data["shard_seconds"],
                        data["prefill_tokens_per_second"], data["decode_tokens_per_second"],
-                       speculation=data.get("speculation"))
+                       speculation=data.get("speculation"), rows_per_rank=data.get("rows_per_rank"))
     log.info("Prefill %.1f tokens/s, decode %.1f tokens/s", result.prefill_tokens_per_second,
              result.decode_tokens_per_second)
     if reference is not None:
@@ -490,7 +521,9 @@ def run(opts: RunOptions) -> RunResult:
             "prefill_tokens_per_second": data["prefill_tokens_per_second"],
             "decode_tokens_per_second": data["decode_tokens_per_second"],
             "sampling_bytes_per_step": data["sampling_bytes_per_step"],
+            "compile_seconds": data.get("compile_seconds"),
             "new_tokens": [len(t) for t in tokens], "speculation": data.get("speculation"),
+            "rows_per_rank": data.get("rows_per_rank"),
             "options": asdict(opts),
         }
         path = out_dir / "benchmark_report.json"

@@ -27,6 +27,8 @@ from .layout import Layout
 from .loader import LoadStats, load_rank_state
 from .parallel.activations import apply_placements
 from .parallel.comm import Collectives
+from .parallel.context import ContextParallel, apply_context_parallel, sequence_axes
+from .parallel.data import BatchSplit
 from .parallel.devices import state_to_device, torch_device
 from .parallel.fsdp import axis_groups, storage_axes
 from .parallel.redistribute import assign_redistributed
@@ -65,6 +67,8 @@ class ShardedModel:
     comm: Collectives
     stats: LoadStats
     dtype: torch.dtype
+    batch_split: BatchSplit | None = None  # the plan divides batches among replicas: generate with generate_split
+    context: ContextParallel | None = None  # the plan splits the sequence over context: prefill in chunks
 
 
 def load_sharded(
@@ -146,6 +150,7 @@ def load_sharded(
             raise ShardwiseError("pre-sharded checkpoints hold plans the parallel layers compute with as stored "
                                  "(tensor-parallel meshes, Megatron-style splits); shard this plan on load")
     redistributed = red is not None and bool(storage_axes(mesh) or not red.trivial)
+    groups = None
     if redistributed:
         # The modules take the compute layout's shapes; pieces stored otherwise are sliced at load or
         # gathered on use (redistribute.py). Over storage axes, the parallel layers run in the tensor group.
@@ -159,11 +164,21 @@ def load_sharded(
         parallelize(model, layout, comm.rank, comm)
         assign_state(model, state)
     compute = red.compute if red is not None else layout
+    # A batch split over storage axes (never tensor): each replica generates its own rows (parallel/data.py).
+    split = BatchSplit.of(compute, comm.rank, comm, groups.tensor) if groups is not None else None
+    if split is not None and comm.rank == 0:
+        log.info("Data parallelism: the plan splits the batch over %s, so %d replicas each generate their share "
+                 "of a batch's rows", "x".join(split.axes), split.parts)
+    context = apply_context_parallel(model, compute, comm.rank, comm)
+    if context is not None and comm.rank == 0:
+        log.info("Context parallelism: the plan splits the sequence over %s, so prompts are prefilled in %d chunks",
+                 "x".join(sequence_axes(compute)), context.parts)
     native = native_outputs(compute, family(config.family).roles.get("embedding"))
     placed = apply_placements(model, compute, native, comm.rank, comm)
     if placed and comm.rank == 0:
         log.info("Activation rules: %d module output(s) are sliced to their placement and gathered back for the "
-                 "next module (one extra all-gather each per forward)", placed)
+                 "next module (per forward, one extra all-gather per split dimension, and one more where a "
+                 "column-parallel output's features are gathered first)", placed)
     if fused_qkv or fused_gate_up:
         if redistributed or placed:  # pieces gathered per projection, or outputs placed per module
             if comm.rank == 0:
@@ -177,5 +192,5 @@ def load_sharded(
                          " and ".join(n for n, on in (("q/k/v", fused_qkv), ("gate/up", fused_gate_up)) if on))
     model.to(torch_device(device))  # what the state did not hold (buffers); the weights are there already
     model.eval()
-    return ShardedModel(model, config, layout, comm.rank, comm, stats, torch_dtype)
+    return ShardedModel(model, config, layout, comm.rank, comm, stats, torch_dtype, split, context)
 

@@ -1,0 +1,74 @@
+"""The decode step of a decoder, compiled once per token-generation bucket (``--compile-decode``).
+
+A decode step is one token per row through every layer: a few hundred small kernels, each cheap, so
+on a CPU the Python and dispatcher cost between them is a large part of the step, and on a GPU the
+launches are. ``torch.compile`` turns the step into one graph per shape: on a CPU, inductor fuses the
+elementwise work between the matmuls (norms, rotary embedding, SiLU, residuals) into a few generated
+kernels; on CUDA, ``mode="reduce-overhead"`` also captures the graph in a CUDA graph and replays it.
+
+Compiled code needs static shapes, so this runs on top of bucketing (``decode_buckets.py``): within a
+token-generation bucket every step has the same shapes, and the slot being written is a tensor
+(``KVCache.update`` writes with ``index_copy_``), so one compilation serves the whole bucket. The
+collectives inside are opaque custom ops (``parallel/comm.py``), so the graph does not break at
+them. The steps compute what eager steps compute; generated kernels may sum in another order, so
+logits can differ in the last bits (tokens are checked against the eager run in
+``tests/test_compiled_decode.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .kv_cache import KVCache
+from .parallel import devices
+from .parallel.devices import torch_device
+from .protocol import Model
+
+log = logging.getLogger("shardwise")
+
+
+class CompiledDecode:
+    """Calls ``model``'s forward for decode steps through ``torch.compile``; counts what it compiled."""
+
+    def __init__(self, model: Model, device: torch.device | str = "cpu"):
+        self.device = torch_device(device)  # a simulated GPU's is the CPU
+        # Under SHARDWISE_CHECK_DEVICES=1 without a GPU, "cuda" ranks are simulated by a CPU tensor subclass
+        # (parallel/devices.py) that torch.compile cannot trace: those steps run eagerly, and say so.
+        self.simulated = devices.simulating(str(device))
+        # CUDA graphs need fixed addresses: the KV cache is marked static (see _mark_static) and every other
+        # input is copied into the graph's own buffers on replay, which reduce-overhead does.
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self._compiled = model if self.simulated else torch.compile(model, dynamic=False, mode=mode)
+        self.shapes: set[tuple[int, ...]] = set()  # (batch, KV slots): one compilation each
+        self.compile_seconds = 0.0
+        self._marked: set[int] = set()
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache,
+                 slot: int) -> torch.Tensor:
+        """Logits of one decode step writing KV slot ``slot``; ``cache.attend_to`` must be the step's bucket."""
+        if cache.attend_to is None or slot >= cache.attend_to or slot > cache.length:
+            raise ValueError("a compiled decode step needs a bucket (attend_to) holding the slot it writes")
+        if self.simulated:  # the eager step, as bucketed decoding runs it
+            return self._compiled(tokens, positions, mask, cache, slot)
+        if self.device.type == "cuda" and not self.simulated:
+            self._mark_static(cache)
+        shape = (tokens.shape[0], cache.attend_to)
+        first = shape not in self.shapes
+        t0 = time.perf_counter()
+        logits = self._compiled(tokens, positions, mask, cache, torch.tensor([slot], device=tokens.device))
+        if first and not self.simulated:
+            self.shapes.add(shape)
+            self.compile_seconds += time.perf_counter() - t0
+            log.debug("Compiled the decode step for batch %d, %d KV slots", *shape)
+        cache.length = slot + 1
+        return logits
+
+    def _mark_static(self, cache: KVCache) -> None:
+        """Tell CUDA graphs the cache tensors keep their addresses (they are written in place every step)."""
+        for t in cache.k + cache.v:
+            if t is not None and id(t) not in self._marked:
+                torch._dynamo.mark_static_address(t)
+                self._marked.add(id(t))
