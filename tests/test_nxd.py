@@ -228,7 +228,7 @@ def _rank_body(rank: int, world: int, model_path: str, out: str) -> None:
 def test_on_device_sampling_and_fusion_are_exact(tiny_models, tmp_path, world):
     """gqa9_tied: vocab 101 (padded at TP 2), 9 heads (padded), tied embeddings. Same tokens with and without
     on-device sampling (greedy, top-k/top-p with a seed, whole-vocabulary sampling), fewer bytes, and the
-    fused q/k/v + gate/up model gives bit-identical logits."""
+    fused q/k/v + gate/up model gives the same tokens and logits (up to the BLAS's rounding)."""
     from shardwise.parallel.launch import launch
 
     out = tmp_path / "result.pt"
@@ -242,7 +242,7 @@ def test_on_device_sampling_and_fusion_are_exact(tiny_models, tmp_path, world):
     assert ods == 2 * world * 2 * 4  # one (value, id) pair per rank and row
     assert r[("top_k", True)][1] == 2 * world * 2 * 5 * 4
     assert r["fused"][0] == r[("greedy", False)][0]
-    assert all(torch.equal(a, b) for a, b in zip(r["fused"][2], r[("greedy", False)][2]))
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(r["fused"][2], r[("greedy", False)][2]))
 
 
 # --- fused checkpoints (Phi-3: qkv_proj, gate_up_proj) ----------------------------------------------------
@@ -330,4 +330,6 @@ def test_phi3_fused_checkpoint_loads_sharded_and_matches_hf(tiny_phi3, tmp_path,
                           pad_token_id=0)[:, 6:].tolist()
     assert r[False][0] == ref and r[True][0] == ref
     assert r[True][2] and not r[False][2]  # fused back into one q/k/v matmul per rank
-    assert all(torch.equal(a, b) for a, b in zip(r[True][1], r[False][1]))
+    # The same values up to rounding: the BLAS may block one larger matmul's sums differently from three smaller
+    # ones (bit-identical on the Intel machines this was first measured on; 1e-6 apart on an AMD EPYC's MKL).
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(r[True][1], r[False][1]))
