@@ -13,6 +13,26 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# torchprime's 2-D FSDP x TP Llama layout in its flat form (no `mesh:` section: its trainer config sizes the
+# mesh, here --mesh does): the weight rules, and the activation rules its file adds. Tests add norms as they need.
+TORCHPRIME_FSDP_TP = """
+model.embed_tokens.weight: [tensor, fsdp]
+model.layers.*.self_attn.q_proj.weight: [tensor, fsdp]
+model.layers.*.self_attn.k_proj.weight: [tensor, fsdp]
+model.layers.*.self_attn.v_proj.weight: [tensor, fsdp]
+model.layers.*.self_attn.o_proj.weight: [fsdp, tensor]
+model.layers.*.mlp.gate_proj.weight: [tensor, fsdp]
+model.layers.*.mlp.up_proj.weight: [tensor, fsdp]
+model.layers.*.mlp.down_proj.weight: [fsdp, tensor]
+model.norm.weight: [fsdp]
+lm_head.weight: [tensor, fsdp]
+"""
+TORCHPRIME_FSDP_TP_ACTIVATIONS = """
+model.layers.*: [fsdp, null, null]
+model.layers.*.self_attn.o_proj: [fsdp, null, tensor]
+lm_head: [fsdp, null, null]
+"""
+
 # The tiny Llama: plan, capacity and topology tests use its config alone; it is also `gqa9_tied` below.
 TINY = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=101, hidden_size=72, intermediate_size=96,

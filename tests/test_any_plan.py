@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+from conftest import TORCHPRIME_FSDP_TP, TORCHPRIME_FSDP_TP_ACTIVATIONS
 
 from shardwise.capacity import estimate_capacity
 from shardwise.plan import generic_name
@@ -38,23 +39,8 @@ model.layers.*[0]: [null, null, tensor]
 lm_head: [null, null, tensor]
 """,
     # torchprime's 2-D FSDP x TP Llama layout, flat form.
-    "torchprime_fsdp_tp": """
-model.embed_tokens.weight: [tensor, fsdp]
-model.layers.*.self_attn.q_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.k_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.v_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.o_proj.weight: [fsdp, tensor]
-model.layers.*.mlp.gate_proj.weight: [tensor, fsdp]
-model.layers.*.mlp.up_proj.weight: [tensor, fsdp]
-model.layers.*.mlp.down_proj.weight: [fsdp, tensor]
-model.layers.*.input_layernorm.weight: [fsdp]
-model.layers.*.post_attention_layernorm.weight: [fsdp]
-model.norm.weight: [fsdp]
-lm_head.weight: [tensor, fsdp]
-model.layers.*: [fsdp, null, null]
-model.layers.*.self_attn.o_proj: [fsdp, null, tensor]
-lm_head: [fsdp, null, null]
-""",
+    "torchprime_fsdp_tp": TORCHPRIME_FSDP_TP + "model.layers.*.input_layernorm.weight: [fsdp]\n"
+    "model.layers.*.post_attention_layernorm.weight: [fsdp]\n" + TORCHPRIME_FSDP_TP_ACTIVATIONS,
     # The issue's FSDP Qwen-style file at a mesh with tensor > 1 (refused before: "cannot consume dimension 1").
     "torchprime_fsdp_qwen": """
 model.embed_tokens.weight: [fsdp, tensor]

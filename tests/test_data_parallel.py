@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TORCHPRIME_FSDP_TP, TORCHPRIME_FSDP_TP_ACTIVATIONS
 
 from shardwise.capacity import estimate_capacity
 from shardwise.conformance import model_layout
@@ -22,22 +23,7 @@ NEW_TOKENS = 6
 
 DATA_TP = ["model.layers.*=[[data],null,null]", "lm_head=[data,null,null]"]  # on the built-in plan
 
-FSDP_TP = """
-model.embed_tokens.weight: [tensor, fsdp]
-model.layers.*.self_attn.q_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.k_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.v_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.o_proj.weight: [fsdp, tensor]
-model.layers.*.mlp.gate_proj.weight: [tensor, fsdp]
-model.layers.*.mlp.up_proj.weight: [tensor, fsdp]
-model.layers.*.mlp.down_proj.weight: [fsdp, tensor]
-model.layers.*.input_layernorm.weight: [fsdp]
-model.norm.weight: [fsdp]
-lm_head.weight: [tensor, fsdp]
-model.layers.*: [fsdp, null, null]
-model.layers.*.self_attn.o_proj: [fsdp, null, tensor]
-lm_head: [fsdp, null, null]
-"""
+FSDP_TP = TORCHPRIME_FSDP_TP + "model.layers.*.input_layernorm.weight: [fsdp]\n" + TORCHPRIME_FSDP_TP_ACTIVATIONS
 
 FSDP_ONLY = """
 model.layers.*.mlp.up_proj.weight: [fsdp, null]

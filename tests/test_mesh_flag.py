@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from conftest import TORCHPRIME_FSDP_TP
 
 from shardwise.errors import ShardwiseError
 from shardwise.mesh import Mesh
@@ -34,18 +35,7 @@ def assert_one_line_error(result, pattern):
 
 
 # torchprime's flat form (no `mesh:` section: torchprime sizes the mesh in its trainer config).
-FLAT_FSDP_TP = """
-model.embed_tokens.weight: [tensor, fsdp]
-model.layers.*.self_attn.q_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.k_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.v_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.o_proj.weight: [fsdp, tensor]
-model.layers.*.mlp.gate_proj.weight: [tensor, fsdp]
-model.layers.*.mlp.up_proj.weight: [tensor, fsdp]
-model.layers.*.mlp.down_proj.weight: [fsdp, tensor]
-model.norm.weight: [fsdp]
-lm_head.weight: [tensor, fsdp]
-"""
+FLAT_FSDP_TP = TORCHPRIME_FSDP_TP
 
 
 def test_parse_keeps_the_written_order_and_allows_sizes_of_one():

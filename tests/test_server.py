@@ -27,6 +27,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
+from conftest import TORCHPRIME_FSDP_TP
 from fastapi.testclient import TestClient  # noqa: E402
 
 from shardwise.engine.types import EngineBusy, EngineClosed, TokenEvent  # noqa: E402
@@ -780,18 +781,7 @@ def test_real_client_disconnect_mid_stream(real_server, openai_client):
 
 
 # torchprime's flat form: no `mesh:` section, the mesh comes from --mesh.
-FLAT_FSDP = """
-model.embed_tokens.weight: [tensor, fsdp]
-model.layers.*.self_attn.q_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.k_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.v_proj.weight: [tensor, fsdp]
-model.layers.*.self_attn.o_proj.weight: [fsdp, tensor]
-model.layers.*.mlp.gate_proj.weight: [tensor, fsdp]
-model.layers.*.mlp.up_proj.weight: [tensor, fsdp]
-model.layers.*.mlp.down_proj.weight: [fsdp, tensor]
-model.norm.weight: [fsdp]
-lm_head.weight: [tensor, fsdp]
-"""
+FLAT_FSDP = TORCHPRIME_FSDP_TP
 
 
 @pytest.mark.slow
