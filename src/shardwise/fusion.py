@@ -42,7 +42,8 @@ def _fusable(module: nn.Module) -> bool:
         return True
     from .parallel.layers import ColumnParallelLinear
 
-    return isinstance(module, ColumnParallelLinear) and not module.gather_output
+    # Exactly that class: a subclass may compute otherwise (parallel/swapped.py's InputSplitLinear slices its input).
+    return type(module) is ColumnParallelLinear and not module.gather_output
 
 
 def fuse(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> bool:
