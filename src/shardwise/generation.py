@@ -39,9 +39,9 @@ class Sampling:
 class Generated:
     tokens: list[list[int]]  # new tokens per prompt, up to and including the first EOS
     prefill_seconds: float
-    decode_seconds: float
+    decode_seconds: float  # with --compile-decode: without the steps that compiled a graph (compiled_decode.py)
     prompt_tokens: int
-    decode_steps: int
+    decode_steps: int  # timed steps (the same exclusion)
     step_logits: list[torch.Tensor] = field(default_factory=list)  # [batch, vocab] per step, if kept
     cache_bytes: int = 0
     sampling_bytes_per_step: int = 0  # bytes of logits or candidates gathered to choose one step's tokens
@@ -160,6 +160,8 @@ def generate(
         tokens, kept_logits = chooser(logits)
         synchronize(device)
         t1 = time.perf_counter()
+        graphs_before = len(compiled.shapes) if compiled is not None else 0
+        compiling_before = compiled.compile_seconds if compiled is not None else 0.0
 
         # Decode masks: the query at slot s sees slots 0..s that are valid (and, with a sliding window,
         # within the window of its position); step s uses a slice of a tensor built once, never a new one.
@@ -205,7 +207,11 @@ def generate(
         synchronize(device)
         t2 = time.perf_counter()
         prompt_tokens = sum(len(p) for p in prompts[:batch - placeholders])
-        return Generated(out, t1 - t0, t2 - t1, prompt_tokens, steps, kept, cache.nbytes, chooser.step_bytes)
+        # Decode timing leaves out the steps that compiled a graph (their seconds are compile_seconds).
+        compiled_steps = len(compiled.shapes) - graphs_before if compiled is not None else 0
+        compiling = compiled.compile_seconds - compiling_before if compiled is not None else 0.0
+        return Generated(out, t1 - t0, t2 - t1 - compiling, prompt_tokens, steps - compiled_steps, kept,
+                         cache.nbytes, chooser.step_bytes)
     finally:
         chooser.close()
 
