@@ -53,13 +53,13 @@ class CompiledDecode:
             raise ValueError("a compiled decode step needs a bucket (attend_to) holding the slot it writes")
         if self.simulated:  # the eager step, as bucketed decoding runs it
             return self._compiled(tokens, positions, mask, cache, slot)
-        if self.device.type == "cuda" and not self.simulated:
+        if self.device.type == "cuda":
             self._mark_static(cache)
         shape = (tokens.shape[0], cache.attend_to)
         first = shape not in self.shapes
         t0 = time.perf_counter()
         logits = self._compiled(tokens, positions, mask, cache, torch.tensor([slot], device=tokens.device))
-        if first and not self.simulated:
+        if first:
             self.shapes.add(shape)
             self.compile_seconds += time.perf_counter() - t0
             log.debug("Compiled the decode step for batch %d, %d KV slots", *shape)
