@@ -29,6 +29,7 @@ def test_compiled_decode_generates_the_eager_tokens_with_one_graph_per_bucket(ti
         assert torch.allclose(a, b, atol=1e-4)
     # Slots 8..21 were written: steps over the 16-slot bucket, then the 32-slot one; a graph each, not a step each.
     assert compiled.shapes == {(2, 16), (2, 32)}
+    assert compiled.matvec.rewritten > 0  # two rows per step: the linears ran as fused reductions (matvec.py)
     # The two steps that compiled are left out of the decode timing (their seconds are compile_seconds).
     assert out.decode_steps == eager.decode_steps - 2 and compiled.compile_seconds > 0
     again = generate(sharded.module, prompts, 14, 0, (), buckets=buckets, compiled=compiled)

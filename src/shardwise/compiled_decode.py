@@ -4,7 +4,9 @@ A decode step is one token per row through every layer: a few hundred small kern
 on a CPU the Python and dispatcher cost between them is a large part of the step, and on a GPU the
 launches are. ``torch.compile`` turns the step into one graph per shape: on a CPU, inductor fuses the
 elementwise work between the matmuls (norms, rotary embedding, SiLU, residuals) into a few generated
-kernels; on CUDA, ``mode="reduce-overhead"`` also captures the graph in a CUDA graph and replays it.
+kernels, and linears of a row or a few become fused reductions that stream the weights faster than
+the BLAS library's matrix-vector product (``matvec.py``); on CUDA, ``mode="reduce-overhead"`` also
+captures the graph in a CUDA graph and replays it.
 
 Compiled code needs static shapes, so this runs on top of bucketing (``decode_buckets.py``): within a
 token-generation bucket every step has the same shapes, and the slot being written is a tensor
@@ -23,9 +25,11 @@ import time
 import torch
 
 from .kv_cache import KVCache
+from .matvec import MatvecAsReduction
 from .parallel import devices
 from .parallel.devices import torch_device
 from .protocol import Model
+from .settings import matvec_reduction
 
 log = logging.getLogger("shardwise")
 
@@ -40,8 +44,16 @@ class CompiledDecode:
         self.simulated = devices.simulating(str(device))
         # CUDA graphs need fixed addresses: the KV cache is marked static (see _mark_static) and every other
         # input is copied into the graph's own buffers on replay, which reduce-overhead does.
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self._compiled = model if self.simulated else torch.compile(model, dynamic=False, mode=mode)
+        # On a CPU, one-row linears become fused reductions (matvec.py): the library's gemv streams the
+        # weights at about half the speed.
+        self.matvec = MatvecAsReduction() if self.device.type == "cpu" and matvec_reduction() else None
+        if self.simulated:
+            self._compiled = model
+        elif self.device.type == "cuda":
+            self._compiled = torch.compile(model, dynamic=False, mode="reduce-overhead")
+        else:
+            options = {"pre_grad_custom_pass": self.matvec} if self.matvec is not None else None
+            self._compiled = torch.compile(model, dynamic=False, options=options)
         self.shapes: set[tuple[int, ...]] = set()  # (batch, KV slots): one compilation each
         self.compile_seconds = 0.0
         self._marked: set[int] = set()

@@ -1,0 +1,49 @@
+"""matvec.py: in a compiled CPU step, linears of a few rows become a fused multiply-and-sum; wider ones stay
+library matrix products; results match the eager module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import shardwise
+from shardwise.compiled_decode import CompiledDecode
+from shardwise.matvec import MAX_ROWS, MatvecAsReduction
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.up = nn.Linear(24, 40, dtype=dtype)
+        self.down = nn.Linear(40, 24, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.silu(self.up(x))) + x
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("rows", [1, MAX_ROWS, MAX_ROWS + 4])
+def test_few_row_linears_become_reductions_with_the_eager_result(dtype, atol, rows):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = _Mlp(dtype)
+    x = torch.randn(rows, 1, 24, dtype=dtype)
+    rewrite = MatvecAsReduction()
+    compiled = torch.compile(module, dynamic=False, options={"pre_grad_custom_pass": rewrite})
+    with torch.no_grad():
+        out, ref = compiled(x), module(x)
+    # Both linears are rewritten (the second reads the first's rewritten output) when the rows are few.
+    assert rewrite.rewritten == (2 if rows <= MAX_ROWS else 0)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert torch.allclose(out.float(), ref.float(), atol=atol, rtol=atol)
+
+
+def test_compiled_decode_uses_the_reduction_on_a_cpu_unless_turned_off(tiny_models, monkeypatch):
+    sharded = shardwise.load_sharded(tiny_models["gqa9_tied"])
+    assert isinstance(CompiledDecode(sharded.module).matvec, MatvecAsReduction)
+    monkeypatch.setenv("SHARDWISE_MATVEC_REDUCTION", "0")
+    assert CompiledDecode(sharded.module).matvec is None
+    monkeypatch.setenv("SHARDWISE_MATVEC_REDUCTION", "maybe")
+    with pytest.raises(shardwise.ShardwiseError, match="SHARDWISE_MATVEC_REDUCTION"):
+        CompiledDecode(sharded.module)
