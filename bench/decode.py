@@ -181,6 +181,10 @@ FEATURES = {
     "ods": ("on-device sampling (--on-device-sampling)", ["--on-device-sampling"]),
     "compile": ("compiled decode step (--compile-decode)",
                 ["--compile-decode", "--context-encoding-buckets", "64", "--token-generation-buckets", "128"]),
+    # The same compiled step with its linears left to the BLAS library (matvec.py off): what the reduction adds.
+    "compile-blas": ("compiled decode step, linears by the BLAS library (SHARDWISE_MATVEC_REDUCTION=0)",
+                     ["--compile-decode", "--context-encoding-buckets", "64", "--token-generation-buckets", "128",
+                      "SHARDWISE_MATVEC_REDUCTION=0"]),
     "all": ("all three", ["--fused-qkv", "--mlp-kernel-enabled", "--on-device-sampling", "--compile-decode",
                           "--context-encoding-buckets", "64", "--token-generation-buckets", "128"]),
 }
@@ -195,7 +199,9 @@ def run_shardwise(path: Path, dtype: str, tp: int, tokens: int, iterations: int,
     cmd = [sys.executable, "-m", "shardwise", "run", "--model-path", str(path), "--tp-degree", str(tp),
            "--torch-dtype", dtype, "--max-new-tokens", str(tokens), "--prompt", PROMPT, "--benchmark",
            "--benchmark-iterations", str(iterations), "--output-dir", str(out_dir), *(flags or [])]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SHARDWISE_FAST_COLLECTIVES": "1" if fast else "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SHARDWISE_FAST_COLLECTIVES": "1" if fast else "0",
+           **dict(f.split("=", 1) for f in cmd if f.startswith("SHARDWISE_"))}  # a feature's setting
+    cmd = [f for f in cmd if not f.startswith("SHARDWISE_")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0 or not report.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()

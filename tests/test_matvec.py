@@ -30,7 +30,8 @@ def test_few_row_linears_become_reductions_with_the_eager_result(dtype, atol, ro
     module = _Mlp(dtype)
     x = torch.randn(rows, 1, 24, dtype=dtype)
     rewrite = MatvecAsReduction()
-    compiled = torch.compile(module, dynamic=False, options={"pre_grad_custom_pass": rewrite})
+    # No compile cache: a cached graph would skip the pass, and the count below would be 0.
+    compiled = torch.compile(module, dynamic=False, options={"pre_grad_custom_pass": rewrite, "fx_graph_cache": False})
     with torch.no_grad():
         out, ref = compiled(x), module(x)
     # Both linears are rewritten (the second reads the first's rewritten output) when the rows are few.
