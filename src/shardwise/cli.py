@@ -62,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
               "attending over a token-generation bucket of KV slots (same tokens)")
     _add(run, "--compile-decode", action="store_true",
          help="compile the decode step with torch.compile, one graph per token-generation bucket (implies "
-              "--enable-bucketing; on a CPU, linears of up to 4 rows run as fused reductions, faster than BLAS "
-              "gemv; on CUDA mode reduce-overhead, i.e. CUDA graphs); the first step of each bucket "
-              "pays the compilation (the log and benchmark_report.json give its seconds)")
+              "--enable-bucketing; on a CPU, linears of few rows (float32: up to 4; bf16: 1) run as fused "
+              "reductions, faster than BLAS gemv; on CUDA mode reduce-overhead, i.e. CUDA graphs); the first "
+              "step of each bucket pays the compilation (the log and benchmark_report.json give its seconds)")
     _add(run, "--context-encoding-buckets", type=int, nargs="+", default=None, metavar="N",
          help="prompt-length buckets (default with --enable-bucketing: powers of 2 from 128 to --max-context-length)")
     _add(run, "--token-generation-buckets", type=int, nargs="+", default=None, metavar="N",

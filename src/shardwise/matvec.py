@@ -3,16 +3,20 @@
 A decode step multiplies one row (or a few) by every weight matrix: a matrix-vector product, bound by
 how fast the weights stream from memory. On a CPU, ``F.linear`` with one row goes to the BLAS library's
 gemm/gemv, which streams weights at about half of what the same core reaches in a plain reduction
-(measured on 2 cores, one thread per rank: MKL 13-15 GB/s, an inductor-generated reduction 20-24 GB/s,
-fp32 and bf16 alike; docs/benchmarks.md). Inductor rewrites ``mm`` as multiply-and-sum only on GPUs
-(with coordinate-descent tuning), so on a CPU it keeps calling the library.
+(measured here, one thread: over a decoder's weights, MKL's fp32 gemv streams 13-15 GB/s and the
+generated reduction 20-24 GB/s, 1.7-2.3x faster for one row; bf16 1.6-1.7x; ``bench/decode.py`` runs the
+compiled decode step both ways in one run, docs/benchmarks.md). Inductor rewrites ``mm`` as
+multiply-and-sum only on GPUs (with coordinate-descent tuning), so on a CPU it keeps calling the library.
 
-This pass, handed to inductor as its ``pre_grad_custom_pass``, rewrites each linear whose input has at
-most ``MAX_ROWS`` rows into ``(x.unsqueeze(-2) * w).sum(-1) (+ b)``. Inductor fuses that into one
+This pass, handed to inductor as its ``pre_grad_custom_pass``, rewrites each linear whose input has few
+rows (``max_rows``: up to 4 in float32, 1 in half precision) into ``(x.unsqueeze(-2) * w).sum(-1) (+ b)``.
+Inductor fuses that into one
 vectorised reduction over each weight row: the product is never materialised and the weight is read
 once. Products are accumulated in float32 (inductor upcasts bf16 on a CPU), in another order than the
 library's, so logits can differ from the eager step in the last bits, as any compiled step's can.
-Wider inputs (prefill, big batches) are matrix products the library does well, and are left alone.
+Wider inputs (prefill, big batches) are matrix products the library does well, and are left alone: the
+reduction reads the weight once per row, so its lead shrinks with rows (float32: 2.3x at 1 row, 1.5x at
+4, even at 8), and in bf16, where oneDNN multiplies natively, it loses from 2 rows on (0.86x at 2).
 
 No library offers this as a switch (inductor's own decomposition is gated to non-CPU devices), hence
 the twenty lines here.
@@ -26,29 +30,34 @@ import torch
 import torch.nn.functional as F
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-MAX_ROWS = 4  # rows up to which the reduction beat MKL in a float32 and bfloat16 microbenchmark (1, 2, 4)
+# Input rows up to which the reduction beat the library (microbenchmark above); other dtypes: one row.
+MAX_ROWS = {torch.float32: 4}
 _LINEARS = (torch._C._nn.linear, F.linear)
 
 
-def _rows(node: torch.fx.Node) -> int | None:
-    """Rows of a linear's input in the traced graph (every dimension but the last), if known and on a CPU."""
+def max_rows(dtype: torch.dtype) -> int:
+    """Input rows up to which a linear in ``dtype`` is rewritten."""
+    return MAX_ROWS.get(dtype, 1)
+
+
+def _rewritable(node: torch.fx.Node) -> bool:
+    """Whether a traced linear runs on a CPU with few enough input rows (every dimension but the last)."""
     value = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
     if not isinstance(value, torch.Tensor) or value.device.type != "cpu" or value.dim() == 0:
-        return None
-    return math.prod(value.shape[:-1])
+        return False
+    return math.prod(value.shape[:-1]) <= max_rows(value.dtype)
 
 
 class MatvecAsReduction(CustomGraphPass):
-    """Rewrites CPU linears of at most ``MAX_ROWS`` input rows into a multiply-and-sum inductor fuses."""
+    """Rewrites CPU linears of few input rows (``max_rows``) into a multiply-and-sum inductor fuses."""
 
-    def __init__(self, max_rows: int = MAX_ROWS):
-        self.max_rows = max_rows
+    def __init__(self):
         self.rewritten = 0  # linears rewritten, over every graph this pass has seen (tests read it)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         # Choose first, rewrite after: a rewritten node has no traced shape, and the next linear may read it.
         chosen = [node for node in graph.nodes if node.op == "call_function" and node.target in _LINEARS
-                  and (rows := _rows(node)) is not None and rows <= self.max_rows]
+                  and _rewritable(node)]
         for node in chosen:
             x, weight = node.args[0], node.args[1]
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -63,4 +72,4 @@ class MatvecAsReduction(CustomGraphPass):
 
     def uuid(self) -> bytes:
         """Inductor's compile cache keys on this: a change to this file is a different pass."""
-        return get_hash_for_files((__file__,)) + str(self.max_rows).encode()
+        return get_hash_for_files((__file__,))
