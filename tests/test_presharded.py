@@ -203,7 +203,11 @@ INTERRUPT_SCRIPT = """
 import sys, time
 import shardwise.presharded as ps
 real = ps._write_tensor
+first = []
 def slow(*a, **k):
+    if not first:
+        first.append(1)
+        print("writing", flush=True)
     time.sleep(0.05)
     return real(*a, **k)
 ps._write_tensor = slow
@@ -224,7 +228,9 @@ def test_ctrl_c_stops_a_preshard_promptly(source, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT, str(source), str(out)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "started"
-    time.sleep(0.6)
+    # Interrupt once the first piece is being written: a fixed delay raced a fast machine that had finished.
+    assert proc.stdout.readline().strip() == "writing"
+    time.sleep(0.1)
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=60)
