@@ -48,6 +48,19 @@ def _rewritable(node: torch.fx.Node) -> bool:
     return math.prod(value.shape[:-1]) <= max_rows(value.dtype)
 
 
+def _stored(graph: torch.fx.Graph, x: torch.fx.Node) -> torch.fx.Node:
+    """``x`` computed once into a buffer before the reduction reads it.
+
+    Inductor inlines an elementwise producer (a norm, a residual add) into the reduction that consumes
+    it, which recomputes it for every weight row: a linear whose input has one consumer (a fused
+    gate/up projection after the MLP's norm) ran 0.7x slower in bf16. Asking for the input's own strides
+    (inductor's ``force_stride_order``) makes inductor store it first; when it is stored already this
+    changes nothing.
+    """
+    value = x.meta["example_value"]
+    return graph.call_function(torch.ops.prims.inductor_force_stride_order.default, (x, list(value.stride())))
+
+
 class MatvecAsReduction(CustomGraphPass):
     """Rewrites CPU linears of few input rows (``max_rows``) into a multiply-and-sum inductor fuses."""
 
@@ -62,6 +75,7 @@ class MatvecAsReduction(CustomGraphPass):
             x, weight = node.args[0], node.args[1]
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             with graph.inserting_before(node):
+                x = _stored(graph, x)
                 out = graph.call_function(torch.sum, (graph.call_function(
                     torch.mul, (graph.call_function(torch.unsqueeze, (x, -2)), weight)), -1))
                 if bias is not None:
