@@ -41,6 +41,18 @@ def test_few_row_linears_become_reductions_with_the_eager_result(dtype, atol, ro
     assert torch.allclose(out.float(), ref.float(), atol=atol, rtol=atol)
 
 
+def test_a_linear_reading_a_rewritten_linear_is_rewritten_too():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 16, bias=False), nn.Linear(16, 8))
+    x = torch.randn(1, 24)
+    rewrite = MatvecAsReduction()
+    compiled = torch.compile(module, dynamic=False, options={"pre_grad_custom_pass": rewrite, "fx_graph_cache": False})
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), module(x), atol=1e-5)
+    assert rewrite.rewritten == 3
+
+
 def test_compiled_decode_uses_the_reduction_on_a_cpu_unless_turned_off(tiny_models, monkeypatch):
     sharded = shardwise.load_sharded(tiny_models["gqa9_tied"])
     assert isinstance(CompiledDecode(sharded.module).matvec, MatvecAsReduction)

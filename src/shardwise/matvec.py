@@ -57,7 +57,9 @@ def _stored(graph: torch.fx.Graph, x: torch.fx.Node) -> torch.fx.Node:
     (inductor's ``force_stride_order``) makes inductor store it first; when it is stored already this
     changes nothing.
     """
-    value = x.meta["example_value"]
+    value = x.meta.get("example_value")
+    if not isinstance(value, torch.Tensor):
+        return x
     return graph.call_function(torch.ops.prims.inductor_force_stride_order.default, (x, list(value.stride())))
 
 
@@ -80,6 +82,7 @@ class MatvecAsReduction(CustomGraphPass):
                     torch.mul, (graph.call_function(torch.unsqueeze, (x, -2)), weight)), -1))
                 if bias is not None:
                     out = graph.call_function(torch.add, (out, bias))
+            out.meta["example_value"] = node.meta.get("example_value")  # a linear reading this one stores it too
             node.replace_all_uses_with(out)
             graph.erase_node(node)
         self.rewritten += len(chosen)
