@@ -34,7 +34,7 @@ def test_few_row_linears_become_reductions_with_the_eager_result(dtype, atol, ro
     compiled = torch.compile(module, dynamic=False, options={"pre_grad_custom_pass": rewrite, "fx_graph_cache": False})
     with torch.no_grad():
         out, ref = compiled(x), module(x)
-    # Both linears are rewritten (the second reads the first's rewritten output) when the rows are few.
+    # Both linears are rewritten when the rows are few (max_rows for the dtype), neither otherwise.
     assert rewrite.rewritten == (2 if rows <= max_rows(dtype) else 0)
     assert max_rows(torch.float32) == 4 and max_rows(torch.bfloat16) == 1  # where the reduction won, measured
     assert out.dtype == ref.dtype and out.shape == ref.shape

@@ -64,7 +64,7 @@ class CompiledDecode:
         self.simulated = devices.simulating(str(device))
         # CUDA graphs need fixed addresses: the KV cache is marked static (see _mark_static) and every other
         # input is copied into the graph's own buffers on replay, which reduce-overhead does.
-        # On a CPU, one-row linears become fused reductions (matvec.py): the library's gemv streams the
+        # On a CPU, few-row linears become fused reductions (matvec.py): the library's gemv streams the
         # weights at about half the speed.
         self.matvec = MatvecAsReduction() if self.device.type == "cpu" and matvec_reduction() else None
         if self.simulated:

@@ -1,25 +1,26 @@
 """Small-batch linears in a compiled CPU decode step, computed as one fused multiply-and-sum reduction.
 
-A decode step multiplies one row (or a few) by every weight matrix: a matrix-vector product, bound by
-how fast the weights stream from memory. On a CPU, ``F.linear`` with one row goes to the BLAS library's
-gemm/gemv, which streams weights at about half of what the same core reaches in a plain reduction
-(measured here, one thread: over a decoder's weights, MKL's fp32 gemv streams 13-15 GB/s and the
-generated reduction 20-24 GB/s, 1.7-2.3x faster for one row; bf16 1.6-1.7x; ``bench/decode.py`` runs the
-compiled decode step both ways in one run, docs/benchmarks.md). Inductor rewrites ``mm`` as
+A decode step multiplies one row (or a few) by every weight matrix: a matrix-vector product, bound by how fast
+the weights stream from memory. On a CPU, ``F.linear`` with one row goes to the BLAS library's gemm/gemv,
+which streams weights at about half of what the same core reaches in a plain reduction (measured here, one
+thread: over a decoder's weights, MKL's fp32 gemv streams 13-15 GB/s and the generated reduction 20-24 GB/s,
+1.7-2.3x faster for one row; bf16 1.6-1.7x; ``bench/matvec.py`` measures both per dtype and row count,
+``bench/decode.py`` the whole compiled step both ways; docs/benchmarks.md). Inductor rewrites ``mm`` as
 multiply-and-sum only on GPUs (with coordinate-descent tuning), so on a CPU it keeps calling the library.
 
-This pass, handed to inductor as its ``pre_grad_custom_pass``, rewrites each linear whose input has few
-rows (``max_rows``: up to 4 in float32, 1 in half precision) into ``(x.unsqueeze(-2) * w).sum(-1) (+ b)``.
-Inductor fuses that into one
-vectorised reduction over each weight row: the product is never materialised and the weight is read
-once. Products are accumulated in float32 (inductor upcasts bf16 on a CPU), in another order than the
-library's, so logits can differ from the eager step in the last bits, as any compiled step's can.
+This pass, handed to inductor as its ``pre_grad_custom_pass``, rewrites each linear whose input has few rows
+(``max_rows``: up to 4 in float32, 1 in half precision) into ``(x.unsqueeze(-2) * w).sum(-1) (+ b)``. Inductor
+fuses that into one vectorised reduction over each weight row: the product is never materialised and the
+weight is read once. Products are accumulated in float32 (inductor upcasts bf16 on a CPU), in another order
+than the library's, so logits can differ from the eager step in the last bits, as any compiled step's can.
 Wider inputs (prefill, big batches) are matrix products the library does well, and are left alone: the
-reduction reads the weight once per row, so its lead shrinks with rows (float32: 2.3x at 1 row, 1.5x at
-4, even at 8), and in bf16, where oneDNN multiplies natively, it loses from 2 rows on (0.86x at 2).
+reduction reads the weight once per row, so its lead shrinks with rows (``bench/matvec.py``, float32: 1.8x
+at 1 row, 1.35x at 4, 0.9x at 8). In bf16, where oneDNN multiplies natively, it is 2.2x at 1 row, 1.5x at 2
+and 0.9x at 4; an earlier hand microbenchmark (before the input was stored once) gave 0.86x at 2 rows, so
+half precision stays at one row until 2 rows are measured end to end.
 
-No library offers this as a switch (inductor's own decomposition is gated to non-CPU devices), hence
-the twenty lines here.
+No library offers this as a switch (inductor's own decomposition is gated to non-CPU devices), hence the
+twenty lines here.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class MatvecAsReduction(CustomGraphPass):
         self.rewritten = 0  # linears rewritten, over every graph this pass has seen (tests read it)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        # Choose first, rewrite after: a rewritten node has no traced shape, and the next linear may read it.
+        # Choose first, rewrite after: whether a linear qualifies is read from the traced graph as it was.
         chosen = [node for node in graph.nodes if node.op == "call_function" and node.target in _LINEARS
                   and _rewritable(node)]
         for node in chosen:
