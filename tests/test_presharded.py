@@ -204,32 +204,40 @@ import sys, time
 import shardwise.presharded as ps
 real = ps._write_tensor
 def slow(*a, **k):
-    time.sleep(0.05)
+    if not slow.announced:
+        slow.announced = True
+        print("writing", flush=True)
+    time.sleep(0.1)
     return real(*a, **k)
+slow.announced = False
 ps._write_tensor = slow
 from shardwise.presharded import preshard
-print("started", flush=True)
 try:
     preshard(sys.argv[1], sys.argv[2], 4, "float32", threads=2)
 except KeyboardInterrupt:
-    print("interrupted", flush=True)
+    print("interrupted", time.monotonic(), flush=True)
     sys.exit(130)
 """
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_a_preshard_promptly(source, tmp_path):
-    """Ctrl-C stops every writer thread at its next piece instead of finishing all rank files."""
+    """Ctrl-C stops every writer thread at its next piece instead of finishing all rank files.
+
+    The time asserted is until ``preshard`` has stopped its threads, cleaned up and raised: the
+    interpreter's own shutdown afterwards is not pre-sharding's (and the CLI skips most of it).
+    Pieces take 0.1 s each, so finishing the 4 files would take seconds.
+    """
     out = tmp_path / "c"
     proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT, str(source), str(out)],
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "started"
-    time.sleep(0.6)
+    assert proc.stdout.readline().strip() == "writing"  # the threads are at work, not still setting up
+    time.sleep(0.3)
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in stdout
-    assert time.monotonic() - start < 1.0
+    assert proc.returncode == 130 and stdout.startswith("interrupted"), stdout
+    assert float(stdout.split()[1]) - start < 1.0  # CLOCK_MONOTONIC: one clock for all processes
     assert len([r for r in range(4) if rank_file(out, r).exists()]) < 4
     assert not list((out / "weights").glob(".*tmp*"))
 

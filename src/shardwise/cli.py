@@ -10,6 +10,7 @@ import sys
 
 from . import settings
 from .errors import ShardwiseError
+from .quick_exit import skip_final_collection
 from .untrusted import one_line
 
 DESCRIPTION = """Tensor-parallel inference from Hugging Face checkpoints.
@@ -462,5 +463,13 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["SHARDWISE_DEBUG"] = saved_debug
         logging.shutdown()
 
-if __name__ == "__main__":
+
+def entry() -> None:
+    """The ``shardwise`` command: ``main`` in a process of its own, which exits without the final
+    garbage collections (see ``quick_exit``)."""
+    skip_final_collection()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

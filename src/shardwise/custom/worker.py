@@ -20,6 +20,7 @@ from .. import settings
 from ..dtypes import to_torch
 from ..errors import ShardwiseError
 from ..parallel.comm import Collectives, default_collectives
+from ..quick_exit import skip_final_collection
 from .builder import Builder
 from .plans import apply_plan, layout_of
 from .weights import assign, load_checkpoint, load_saved, load_state, replace_into, save_rank
@@ -149,6 +150,7 @@ def rank_entry(rank: int, world: int, init_method: str, backend: str, threads: i
                parent_pid: int) -> None:
     from ..engine.ranks import _watch_parent, report_failure
 
+    skip_final_collection()
     _watch_parent(parent_pid)
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s shardwise: %(message)s", force=True)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from .. import settings
 from ..errors import ShardwiseError
 from ..parallel import devices as dev
+from ..quick_exit import skip_final_collection
 from ..runner import RunOptions, load_rank_model, run_plan
 from .control import Control
 from .scheduler import Scheduler, follow
@@ -34,6 +35,7 @@ def rank_entry(local_rank: int, world: int, start_rank: int, init_method: str, b
                opts: RunOptions, rows: int, eos: tuple[int, ...], devices: tuple[str, ...] | None, conn,
                parent_pid: int, batch_invariant: bool = True) -> None:
     """A spawned rank's whole life."""
+    skip_final_collection()
     _watch_parent(parent_pid)
     rank = start_rank + local_rank
     torch.set_num_threads(threads[local_rank])

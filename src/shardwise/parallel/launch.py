@@ -28,6 +28,7 @@ from torch.multiprocessing.spawn import ProcessException
 
 from .. import settings
 from ..errors import ShardwiseError
+from ..quick_exit import skip_final_collection
 from ..settings import free_port
 from . import devices as dev
 
@@ -54,6 +55,7 @@ def _rank_entry(local_rank: int, fn: Worker, world: int, start_rank: int, init_m
                 threads: Sequence[int], args: tuple, error_dir: str, device: str = "cpu",
                 devices: Sequence[str] | None = None) -> None:
     rank = start_rank + local_rank
+    skip_final_collection()
     torch.set_num_threads(threads[local_rank])
     _thread_lock_for_progress_bars()
     try:
