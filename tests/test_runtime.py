@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -26,11 +27,14 @@ def _one_rank_dies(rank, world):
 
 
 @pytest.mark.slow
-def test_failing_rank_stops_the_others():
+def test_failing_rank_stops_the_others(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where torch leaves a failed rank's error file
+    monkeypatch.setattr(tempfile, "tempdir", None)
     start = time.monotonic()
     with pytest.raises(ShardwiseError, match="rank 1 failed: simulated failure on rank 1"):
         launch(_one_rank_fails, 2)
     assert time.monotonic() - start < 60
+    assert list(tmp_path.iterdir()) == []  # nothing left behind: no pytorch-errorfile-*.pickle
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ names the rank that failed first (not a peer that merely lost its connection to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -163,6 +164,12 @@ def launch(fn: Worker, world_size: int, args: tuple = (), backend: str = "gloo",
             if detail:  # SHARDWISE_DEBUG: the failing rank's own traceback, above the one-line report
                 print(detail, file=sys.stderr, end="")
             raise ShardwiseError(message, exit_code) from None
+        finally:
+            # torch leaves a failed rank's traceback in /tmp/pytorch-errorfile-*.pickle for good; our own
+            # report (error_dir) is already read, so remove them.
+            for name in context.error_files:
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
 
 
 def _root_cause(exc: ProcessException, error_dir: Path, processes, start_rank: int = 0) -> tuple[str, int, str]:
