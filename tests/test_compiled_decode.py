@@ -45,16 +45,22 @@ def test_compiled_decode_needs_buckets(tiny_models):
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", "cuda"])  # cuda: simulated GPUs under the device checks (docs/gpu.md)
 def test_run_compile_decode_tp2_matches_hf_tokens(tiny_model_dir, tmp_path, device):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # A private inductor cache, so the first run compiles and a second one must find it there.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     if device == "cuda":
         env["SHARDWISE_CHECK_DEVICES"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "shardwise", "run", "--model-path", str(tiny_model_dir), "--tp-degree", "2",
-         "--device", device,
-         "--no-chat-template", "--prompt", "w5 w6 w7", "--max-new-tokens", "10", "--compile-decode",
-         "--context-encoding-buckets", "4", "--token-generation-buckets", "16", "--check-accuracy-mode",
-         "token-matching", "--benchmark", "--benchmark-iterations", "1", "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=env)
+
+    def run():
+        return subprocess.run(
+            [sys.executable, "-m", "shardwise", "run", "--model-path", str(tiny_model_dir), "--tp-degree", "2",
+             "--device", device,
+             "--no-chat-template", "--prompt", "w5 w6 w7", "--max-new-tokens", "10", "--compile-decode",
+             "--context-encoding-buckets", "4", "--token-generation-buckets", "16", "--check-accuracy-mode",
+             "token-matching", "--benchmark", "--benchmark-iterations", "1", "--output-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=600, env=env)
+
+    proc = run()
     assert proc.returncode == 0, proc.stderr
     assert "passed: greedy tokens identical to HF transformers" in proc.stderr
     report = json.loads((tmp_path / "benchmark_report.json").read_text())
@@ -64,7 +70,12 @@ def test_run_compile_decode_tp2_matches_hf_tokens(tiny_model_dir, tmp_path, devi
         assert "ran eagerly on the simulated GPUs" in proc.stderr
     else:
         assert "Compiled decode: 1 graph(s) (batch, KV slots: 1x16)" in proc.stderr
+        assert "from inductor's cache" not in proc.stderr
         assert report["compile_seconds"] > 0
+        # Nothing in the graph differs between runs (collectives are found by creation number, not address).
+        again = run()
+        assert again.returncode == 0, again.stderr
+        assert "1x16) in" in again.stderr and "1 from inductor's cache" in again.stderr
 
 
 @pytest.mark.gpu

@@ -77,6 +77,7 @@ class CompiledDecode:
                 options["pre_grad_custom_pass"] = self.matvec
             self._compiled = torch.compile(model, dynamic=False, options=options)
         self.shapes: set[tuple[int, ...]] = set()  # (batch, KV slots): one compilation each
+        self.cached = 0  # of those, how many inductor found in its on-disk cache (dynamo still traces them)
         self.compile_seconds = 0.0
         self._marked: set[int] = set()
 
@@ -92,10 +93,12 @@ class CompiledDecode:
         shape = (tokens.shape[0], cache.attend_to)
         first = shape not in self.shapes
         t0 = time.perf_counter()
+        hits = _cache_hits() if first else 0
         logits = self._compiled(tokens, positions, mask, cache, torch.tensor([slot], device=tokens.device))
         if first:
             self.shapes.add(shape)
             self.compile_seconds += time.perf_counter() - t0
+            self.cached += _cache_hits() > hits
             log.debug("Compiled the decode step for batch %d, %d KV slots", *shape)
         cache.length = slot + 1
         return logits
@@ -106,3 +109,10 @@ class CompiledDecode:
             if t is not None and id(t) not in self._marked:
                 torch._dynamo.mark_static_address(t)
                 self._marked.add(id(t))
+
+
+def _cache_hits() -> int:
+    """Graphs inductor has loaded from its on-disk cache in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"]

@@ -206,8 +206,9 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
         log.info("Compiled decode: the decode steps ran eagerly on the simulated GPUs (torch.compile cannot trace "
                  "their tensors); on real GPUs they run as CUDA graphs")
     elif rank == 0 and compiled is not None:
-        log.info("Compiled decode: %d graph(s) (batch, KV slots: %s) in %.1f s", len(compiled.shapes),
-                 ", ".join(f"{b}x{k}" for b, k in sorted(compiled.shapes)), compiled.compile_seconds)
+        log.info("Compiled decode: %d graph(s) (batch, KV slots: %s) in %.1f s%s", len(compiled.shapes),
+                 ", ".join(f"{b}x{k}" for b, k in sorted(compiled.shapes)), compiled.compile_seconds,
+                 f", {compiled.cached} from inductor's cache" if compiled.cached else "")
     if rank == 0 and opts.on_device_sampling:
         log.info("On-device sampling: %d bytes gathered per step to choose the tokens",
                  max(g.sampling_bytes_per_step for g in results))

@@ -241,12 +241,16 @@ def default_collectives() -> Collectives:
 # Collectives as opaque custom ops under torch.compile: without them dynamo breaks the graph at every
 # collective (the shared-memory path is plain Python over a mapped file), so one forward would be
 # dozens of graphs. Eager calls never go through these; the ops find their Collectives by handle.
+# A handle is the object's creation number in this process, not its id(): the handle is a constant in the
+# compiled graph, so an address (different every run) made inductor's compile cache miss on every run
+# (about 30 s per `--compile-decode` run here); creation numbers repeat from run to run.
 _BY_HANDLE: dict[int, Collectives] = {}
 
 
 def _handle(comm: Collectives) -> int:
-    _BY_HANDLE[id(comm)] = comm
-    return id(comm)
+    handle = len(_BY_HANDLE)
+    _BY_HANDLE[handle] = comm
+    return handle
 
 
 @torch.library.custom_op("shardwise::all_reduce", mutates_args=())
