@@ -56,3 +56,14 @@ def test_help_explains_the_flags():
     out = shardwise("run", "--help").stdout
     for flag in ("--model-path", "--tp-degree", "--torch-dtype", "--check-accuracy-mode", "--benchmark", "--seq-len"):
         assert flag in out
+
+
+def test_serve_takes_the_nxd_flags_its_engine_honours_and_refuses_the_others():
+    from shardwise.cli import build_parser
+    from shardwise.nxd_flags import nxd_options
+
+    args = build_parser().parse_args(["serve", "--fused-qkv", "--mlp_kernel_enabled"])
+    assert nxd_options(args) == {"fused_qkv": True, "fused_gate_up": True}
+    # The engine has no on-device sampling: the flag is refused rather than accepted and ignored.
+    proc = shardwise("serve", "--on-device-sampling")
+    assert proc.returncode == 2 and "unrecognized arguments: --on-device-sampling" in proc.stderr

@@ -209,6 +209,21 @@ def test_swap_weights_equals_a_fresh_load_and_refuses_other_layouts(engine, mode
     assert [c.token_ids for c in engine.generate(PROMPTS, max_new_tokens=10)] == before
 
 
+def test_fused_projections_give_the_same_tokens_and_take_swapped_weights(engine, models):
+    """--fused-qkv / --mlp-kernel-enabled in the engine: the unfused engine's tokens, and a weight swap
+    loads the new q/k/v and gate/up slices into the fused weights (the swap would refuse their names)."""
+    plain = [c.token_ids for c in engine.generate(PROMPTS, max_new_tokens=10)]
+    engine.swap_weights(models["tuned"])
+    plain_tuned = [c.token_ids for c in engine.generate(PROMPTS, max_new_tokens=10)]
+    engine.swap_weights(models["gqa9_tied"])
+    with Engine(model_path=str(models["gqa9_tied"]), tp_degree=2, seq_len=64, max_batch_size=6, fused_qkv=True,
+                fused_gate_up=True) as fused:
+        assert [c.token_ids for c in fused.generate(PROMPTS, max_new_tokens=10)] == plain
+        fused.swap_weights(models["tuned"])
+        assert [c.token_ids for c in fused.generate(PROMPTS, max_new_tokens=10)] == plain_tuned
+    assert plain != plain_tuned
+
+
 def test_engine_refuses_bad_options_before_starting_ranks(models, tmp_path):
     with pytest.raises(ShardwiseError, match="max_batch_size"):
         Engine(model_path=str(models["gqa9_tied"]), max_batch_size=0)

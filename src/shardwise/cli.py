@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--no-batch-invariant", action="store_true",
          help="decode batches at their natural size: faster, but a request's greedy tokens may then differ in rare "
               "near-ties from what it gets alone")
+    from .nxd_flags import add_nxd_flags
+
+    add_nxd_flags(serve, _add, {"fused_qkv", "fused_gate_up"})  # the NxD flags the engine honours
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (0.0.0.0: every interface; then set --api-key)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free port (the line announcing "
@@ -337,6 +340,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .convert import bundled_model_dir
     from .engine.types import EngineOptions
+    from .nxd_flags import nxd_options
 
     try:
         from .server.launch import serve
@@ -368,7 +372,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         sequence_parallel=args.sequence_parallel_enabled, mesh=args.mesh, partition_config=args.partition_config,
         partition=args.partition, compiled_model_path=args.compiled_model_path, skip_sharding=args.skip_sharding,
         verify=args.verify, progress=sys.stderr.isatty(), pad_token_id=args.pad_token_id,
-        batch_invariant=not args.no_batch_invariant,
+        batch_invariant=not args.no_batch_invariant, **nxd_options(args),
     )
     api_key = args.api_key if args.api_key is not None else settings.api_key()
     serve(options, host=args.host, port=args.port, api_key=api_key, served_model_name=args.served_model_name)

@@ -63,6 +63,22 @@ def fuse(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> bool:
     return True
 
 
+def fused_state(state: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
+    """``state`` (a rank's slices, in the checkpoint's names) in the names of a model whose projections
+    ``fuse_projections`` fused (``names``: its state-dict names): each group's parts concatenated in the
+    order ``fuse`` used, so new weights (the engine's swap) load into the fused parameters."""
+    out = dict(state)
+    for name in names:
+        for fused_name, parts in (("qkv_proj", QKV), ("gate_up_proj", GATE_UP)):
+            for kind in ("weight", "bias"):
+                if name.endswith(f".{fused_name}.{kind}"):
+                    prefix = name[: -len(f"{fused_name}.{kind}")]
+                    keys = [f"{prefix}{p}.{kind}" for p in parts]
+                    if all(k in out for k in keys):
+                        out[name] = torch.cat([out.pop(k) for k in keys])
+    return out
+
+
 def fuse_projections(model: nn.Module, qkv: bool = False, gate_up: bool = False) -> int:
     """Fuse every module's q/k/v (into ``qkv_proj``) and gate/up (into ``gate_up_proj``) projections, as
     asked; returns how many groups were fused. Model code calls ``qkv_proj`` when it exists."""

@@ -49,11 +49,15 @@ NXD_FLAGS: tuple[NxdFlag, ...] = (
 )
 
 
-def add_nxd_flags(parser: argparse.ArgumentParser, add) -> None:
-    """Add every flag of ``NXD_FLAGS`` to ``parser`` through ``add`` (cli._add: NxD's underscore spellings too)."""
+def add_nxd_flags(parser: argparse.ArgumentParser, add, options: set[str] | None = None) -> None:
+    """Add the flags of ``NXD_FLAGS`` to ``parser`` through ``add`` (cli._add: NxD's underscore spellings too):
+    all of them, or only those that set one of ``options`` (``shardwise serve`` takes the ones its engine
+    honours, so that no flag there is accepted and silently ignored)."""
     group = parser.add_argument_group("NxD Inference flags", "accepted as inference_demo spells them; see "
                                                               "docs/nxd_flags.md")
     for f in NXD_FLAGS:
+        if options is not None and f.option not in options:
+            continue
         dest = "nxd_" + f.flag[2:].replace("-", "_")
         if f.nargs is None:
             add(group, f.flag, dest=dest, action="store_true", help=f.effect)

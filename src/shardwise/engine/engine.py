@@ -463,7 +463,7 @@ def _validate(opts: EngineOptions) -> tuple[RunOptions, ModelConfig, object]:
         overrides=list(opts.overrides), device=opts.device, progress=opts.progress,
         partition_config=opts.partition_config, partition=opts.partition, sequence_parallel=opts.sequence_parallel,
         mesh=opts.mesh, compiled_model_path=opts.compiled_model_path, skip_sharding=opts.skip_sharding,
-        verify=opts.verify,
+        verify=opts.verify, fused_qkv=opts.fused_qkv, fused_gate_up=opts.fused_gate_up,
         pad_token_id=opts.pad_token_id, prompts=["."], chat_template=False,
     )
     run_opts, config, tokenizer, _ = validate(run_opts)

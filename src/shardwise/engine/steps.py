@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShardwiseError
+from ..fusion import fused_state
 from ..generation import Sampling, _mask, sample
 from ..parallel.devices import put, state_to_device, to_host, torch_device
 from ..plan import Plan
@@ -175,7 +176,7 @@ class StepRunner:
             raise ShardwiseError(errors[0])
         # A weight gathered on use (redistribute.py) lives as its stored piece behind a parametrization.
         names = set(self.model.state_dict())
-        state = {_stored_name(n, names): t for n, t in state.items()}
+        state = fused_state({_stored_name(n, names): t for n, t in state.items()}, names)
         with torch.no_grad():
             missing, unexpected = self.model.load_state_dict(
                 state_to_device(state, self.device), strict=False)

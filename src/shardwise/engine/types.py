@@ -51,6 +51,8 @@ class EngineOptions:
     progress: bool = False
     pad_token_id: int | None = None
     batch_invariant: bool = True  # pad decode batches so each request's tokens are exactly those it gets alone
+    fused_qkv: bool = False  # NxD's --fused-qkv: each rank's q/k/v slices one weight, one matmul (fusion.py)
+    fused_gate_up: bool = False  # NxD's --mlp-kernel-enabled: each rank's gate/up slices one weight
 
 
 @dataclass(frozen=True)
