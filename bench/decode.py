@@ -209,7 +209,8 @@ def run_shardwise(path: Path, dtype: str, tp: int, tokens: int, iterations: int,
     data = json.loads(report.read_text())
     return {"prefill": data["prefill_tokens_per_second"], "decode": data["decode_tokens_per_second"],
             "new_tokens": data["new_tokens"][0], "threads_per_rank": data["threads_per_rank"],
-            "load_s": data["load_seconds"], "compile_s": data.get("compile_seconds")}
+            "load_s": data["load_seconds"], "compile_s": data.get("compile_seconds"),
+            "wait_shares": (data.get("collective_wait") or {}).get("share_of_generation_per_rank")}
 
 
 def _hf_time(model, ids: list[int], tokens: int, repeats: int) -> dict:
@@ -303,6 +304,12 @@ def _fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _waits(row: dict) -> str:
+    """Each rank's share of generation time spent waiting for the other at collectives (the run's report)."""
+    shares = row.get("wait_shares")
+    return " / ".join(f"{s:.0%}" for s in shares) if shares else "-"
+
+
 def _span(values: list[float]) -> str:
     return f"{min(values):.1f}-{max(values):.1f}"
 
@@ -364,18 +371,21 @@ def render(res: dict) -> str:
         feats = {k: r for k, r in model["rows"].items() if k.startswith("feat-")}
         plain = model["rows"].get("sw-2", {}).get("decode")
         if feats and plain:
-            lines += ["Generation features at TP 2, each against plain TP 2 of the same run (best of the rounds):", "",
+            lines += ["Generation features at TP 2, each against plain TP 2 of the same run (best of the rounds). "
+                      "\"Ranks' waits\": each rank's share of its generation time spent waiting for the other at "
+                      "the collectives (from the run's report): how unevenly the two ranks ran.", "",
                       "| TP 2 with | decode tok/s | vs plain TP 2 | decode vs bound | vs bound at the time | compile s "
-                      "| load avg |",
-                      "|---|---:|---:|---:|---:|---:|---:|"]
+                      "| ranks' waits | load avg |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for row in feats.values():
                 if "error" in row:
-                    lines.append(f"| {row['engine']} | cannot run: {row['error'].replace('|', '/')} | | | | | |")
+                    lines.append(f"| {row['engine']} | cannot run: {row['error'].replace('|', '/')} | | | | | | |")
                     continue
                 comp = f"{row['compile_s']:.1f}" if row.get("compile_s") else "-"
                 lines.append(f"| {row['engine'].removeprefix('shardwise + ')} | {_fmt(row['decode'])} | "
                              f"{row['decode'] / plain:.2f}x | {row['decode'] / model['bound']:.0%} | "
-                             f"{row['vs_adjacent_bound']:.0%} | {comp} | {row.get('load_avg', 0):.1f} |")
+                             f"{row['vs_adjacent_bound']:.0%} | {comp} | {_waits(row)} | "
+                             f"{row.get('load_avg', 0):.1f} |")
             lines.append("")
     loads = [row.get("load_avg", 0) for model in res["models"] for row in model["rows"].values()]
     if loads and max(loads) > m["cores"]:

@@ -72,6 +72,10 @@ def test_run_compile_decode_tp2_matches_hf_tokens(tiny_model_dir, tmp_path, devi
         assert "Compiled decode: 1 graph(s) (batch, KV slots: 1x16)" in proc.stderr
         assert "from inductor's cache" not in proc.stderr
         assert report["compile_seconds"] > 0
+        # How long each rank waited for the other at the shared-memory collectives, over the timed runs.
+        wait = report["collective_wait"]
+        assert len(wait["seconds_per_rank"]) == 2 and all(0 <= s < 1 for s in wait["share_of_generation_per_rank"])
+        assert "Ranks waited for each other at collectives:" in proc.stderr
         # Nothing in the graph differs between runs (collectives are found by creation number, not address).
         again = run()
         assert again.returncode == 0, again.stderr

@@ -175,8 +175,10 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
     if opts.benchmark:
         one(batches[0], min(4, opts.max_new_tokens), False)  # warm-up (with --compile-decode: the first bucket's graph)
         runs = max(1, opts.benchmark_iterations)
+    waited_before = comm.waited
     timings = [run_all() for _ in range(runs)]
     results = timings[-1]
+    collective_wait = _collective_wait(comm, waited_before, timings)
     prefill = statistics.median(sum(g.prompt_tokens for g in t) / max(1e-9, sum(g.prefill_seconds for g in t))
                                 for t in timings)
     decode = statistics.median(_decode_rate(t, speculation is not None) for t in timings)
@@ -224,7 +226,25 @@ def _rank_main(rank: int, world: int, opts: RunOptions, batches: list[list[list[
             "bytes_held_rank0": sharded.stats.bytes_held, "bytes_read_rank0": sharded.stats.bytes_read,
             "speculation": speculation_report,
             "rows_per_rank": _rows_per_rank(results),
+            "collective_wait": collective_wait,
         }, result_path)
+
+
+def _collective_wait(comm: Collectives, waited_before: float | None, timings: list[list[Generated]]) -> dict | None:
+    """Each rank's seconds waiting for its peers at shared-memory collectives over the timed generations, and
+    that as a share of their prefill + decode time: how unevenly the ranks ran (a collective; every rank
+    calls it). None on one rank or over torch.distributed."""
+    if comm.world_size == 1 or comm.waited is None or waited_before is None:
+        return None
+    busy = sum(g.prefill_seconds + g.decode_seconds for t in timings for g in t)
+    mine = torch.tensor([[comm.waited - waited_before, busy]], dtype=torch.float64)
+    rows = comm.host_all_gather(mine, dim=0).tolist()
+    seconds = [w for w, _ in rows]
+    shares = [w / max(b, 1e-9) for w, b in rows]
+    if comm.rank == 0:
+        log.info("Ranks waited for each other at collectives: %s of generation time (by rank)",
+                 " / ".join(f"{s:.0%}" for s in shares))
+    return {"seconds_per_rank": seconds, "share_of_generation_per_rank": shares}
 
 
 def _rows_per_rank(generated: list[Generated]) -> list[int] | None:
@@ -525,6 +545,7 @@ def run(opts: RunOptions) -> RunResult:
             "compile_seconds": data.get("compile_seconds"),
             "new_tokens": [len(t) for t in tokens], "speculation": data.get("speculation"),
             "rows_per_rank": data.get("rows_per_rank"),
+            "collective_wait": data.get("collective_wait"),
             "options": asdict(opts),
         }
         path = out_dir / "benchmark_report.json"

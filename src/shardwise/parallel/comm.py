@@ -72,6 +72,13 @@ class Collectives:
         """Whether CPU tensors go through shared memory."""
         return self.shm is not None
 
+    @property
+    def waited(self) -> float | None:
+        """Seconds this rank has waited at shared-memory collectives for peers to arrive: the ranks'
+        imbalance, which a step's time includes (None where torch.distributed carries the collectives:
+        its waits are not visible from here)."""
+        return self.shm.waited if self.shm is not None else None
+
     def _count(self, kind: str, nbytes: int, factor: float) -> None:
         n = self.world_size
         self.sent[kind] = self.sent.get(kind, 0.0) + factor * (n - 1) / n * nbytes

@@ -129,6 +129,7 @@ class ShmCollectives:
             raise ShmUnavailable(f"shared memory unusable: {failed[0]}")
         self.pids = [int(words[i]) for i in self._pid_idx]
         self._gen = 0
+        self.waited = 0.0  # seconds this rank spent waiting for peers to arrive (a peer already there: none)
         raw = torch.frombuffer(self._mm, dtype=torch.uint8)
         self._slots = [[raw[self._data_off + (b * self.world + p) * self.slot_bytes:][: self.slot_bytes]
                         for p in range(self.world)] for b in range(2)]
@@ -207,12 +208,14 @@ class ShmCollectives:
             idx = self._flag_idx[p]
             if words[idx] >= gen:
                 continue
+            start = time.perf_counter()
             spins = 0
             while words[idx] < gen:
                 spins += 1
                 if spins > SPINS:
                     self._wait_slow(p, idx, gen, what)
                     break
+            self.waited += time.perf_counter() - start
 
     def _wait_slow(self, peer: int, idx: int, gen: int, what: str) -> None:
         words = self._words
