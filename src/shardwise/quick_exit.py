@@ -28,6 +28,7 @@ def skip_final_collection() -> None:
     """
     global _registered
     if not _registered:
-        # Exit handlers run last-registered first: registered early, this runs after the others.
+        # Where it falls among the exit handlers does not matter: freezing changes only what the final
+        # collections walk, and every handler before or after it still runs.
         atexit.register(gc.freeze)
         _registered = True
