@@ -72,6 +72,11 @@ def memory_bandwidth(mib: int = 1024, repeats: int = 8) -> dict:
             "buffer_mib": mib, "threads": torch.get_num_threads()}
 
 
+def best_gbps(samples: list[dict]) -> float:
+    """The best figure, read or copy, of ``memory_bandwidth`` samples: the strictest bound they give."""
+    return max(max(b["read_gbps"], b["copy_gbps"]) for b in samples)
+
+
 # ---------------------------------------------------------------------------------------------------
 # collectives
 
@@ -553,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
                         got = run_shardwise(path, dtype, tp, tokens, iters, fast, Path(tmp) / key, flags)
                         after = memory_bandwidth()
                         res["machine"]["bandwidth_samples"] += [before, after]
-                        got["adjacent_gbps"] = max(max(b["read_gbps"], b["copy_gbps"]) for b in (before, after))
+                        got["adjacent_gbps"] = best_gbps([before, after])
                     got["load_avg"] = os.getloadavg()[0]
                     print(name, f"round {rnd}", key, got, flush=True)
                     best = rows.get(key)
@@ -575,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
     samples = res["machine"]["bandwidth_samples"] + [res["machine"]["bandwidth_end"]]
     # Decode only reads weights: the bound is set by the best read (sum) bandwidth seen in the run, the
     # strictest figure measured (a copy, counted as bytes read + written, came out lower).
-    bw = max(max(b["read_gbps"], b["copy_gbps"]) for b in samples)
+    bw = best_gbps(samples)
     res["machine"]["bound_gbps"] = bw
     for model in res["models"]:
         model["bound"] = bw * 1e9 / model["weight_bytes"]
