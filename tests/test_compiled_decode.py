@@ -23,8 +23,12 @@ def test_compiled_decode_generates_the_eager_tokens_with_one_graph_per_bucket(ti
     buckets = DecodeBuckets.resolve([8], [16, 32], 8, 32)
     eager = generate(sharded.module, prompts, 14, 0, (), keep_logits=True, buckets=buckets)
     compiled = CompiledDecode(sharded.module)
-    out = generate(sharded.module, prompts, 14, 0, (), keep_logits=True, buckets=buckets, compiled=compiled)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # compiled here, so the graph passes run
+        out = generate(sharded.module, prompts, 14, 0, (), keep_logits=True, buckets=buckets, compiled=compiled)
     assert out.tokens == eager.tokens
+    # Each layer's attention and every linear of both graphs ran as reductions (decode_attention.py, matvec.py).
+    layers = len(sharded.module.model.layers)
+    assert compiled.attention.rewritten == 2 * layers and compiled.matvec.rewritten > 2 * layers
     for a, b in zip(eager.step_logits, out.step_logits):
         assert torch.allclose(a, b, atol=1e-4)
     # Slots 8..21 were written: steps over the 16-slot bucket, then the 32-slot one; a graph each, not a step each.

@@ -4,8 +4,9 @@ A decode step is one token per row through every layer: a few hundred small kern
 on a CPU the Python and dispatcher cost between them is a large part of the step, and on a GPU the
 launches are. ``torch.compile`` turns the step into one graph per shape: on a CPU, inductor fuses the
 elementwise work between the matmuls (norms, rotary embedding, SiLU, residuals) into a few generated
-kernels, and linears of a row or a few become fused reductions that stream the weights faster than
-the BLAS library's matrix-vector product (``matvec.py``); on CUDA, ``mode="reduce-overhead"`` also
+kernels, linears of a row or a few become fused reductions that stream the weights faster than the
+BLAS library's matrix-vector product (``matvec.py``), and one-query attention becomes arithmetic fused
+with the projections around it (``decode_attention.py``); on CUDA, ``mode="reduce-overhead"`` also
 captures the graph in a CUDA graph and replays it.
 
 Compiled code needs static shapes, so this runs on top of bucketing (``decode_buckets.py``): within a
@@ -23,13 +24,15 @@ import logging
 import time
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from .decode_attention import AttentionAsReduction
 from .kv_cache import KVCache
 from .matvec import MatvecAsReduction
 from .parallel import devices
 from .parallel.devices import torch_device
 from .protocol import Model
-from .settings import matvec_reduction
+from .settings import attention_reduction, matvec_reduction
 
 log = logging.getLogger("shardwise")
 
@@ -66,15 +69,20 @@ class CompiledDecode:
         # input is copied into the graph's own buffers on replay, which reduce-overhead does.
         # On a CPU, few-row linears become fused reductions (matvec.py): the library's gemv streams the
         # weights at about half the speed.
-        self.matvec = MatvecAsReduction() if self.device.type == "cpu" and matvec_reduction() else None
+        cpu = self.device.type == "cpu"
+        self.matvec = MatvecAsReduction() if cpu and matvec_reduction() else None
+        # One-query attention as arithmetic inductor fuses (decode_attention.py): the library's CPU kernel
+        # spends about 100 us a layer on setup for a few kilobytes of work.
+        self.attention = AttentionAsReduction() if cpu and attention_reduction() else None
+        passes = [p for p in (self.attention, self.matvec) if p is not None]
         if self.simulated:
             self._compiled = model
         elif self.device.type == "cuda":
             self._compiled = torch.compile(model, dynamic=False, mode="reduce-overhead")
         else:
             options = {"guard_filter_fn": _keep_guard}
-            if self.matvec is not None:
-                options["pre_grad_custom_pass"] = self.matvec
+            if passes:
+                options["pre_grad_custom_pass"] = passes[0] if len(passes) == 1 else PassChain(passes)
             self._compiled = torch.compile(model, dynamic=False, options=options)
         self.shapes: set[tuple[int, ...]] = set()  # (batch, KV slots): one compilation each
         self.cached = 0  # of those, how many inductor found in its on-disk cache (dynamo still traces them)
@@ -109,6 +117,21 @@ class CompiledDecode:
             if t is not None and id(t) not in self._marked:
                 torch._dynamo.mark_static_address(t)
                 self._marked.add(id(t))
+
+
+class PassChain(CustomGraphPass):
+    """Several graph passes where inductor takes one (``pre_grad_custom_pass``), run in order."""
+
+    def __init__(self, passes: list[CustomGraphPass]):
+        self.passes = passes
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for graph_pass in self.passes:
+            graph_pass(graph)
+
+    def uuid(self) -> bytes:
+        """Inductor's compile cache key: the passes' own, in order."""
+        return b"".join(graph_pass.uuid() for graph_pass in self.passes)
 
 
 def _cache_hits() -> int:

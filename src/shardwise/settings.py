@@ -16,6 +16,7 @@ never a silent default.
 | SHARDWISE_CACHE | where converted checkpoints are kept | ~/.cache/shardwise |
 | SHARDWISE_CHECK_DEVICES | device checks: enforce the GPU rules on every collective (docs/gpu.md) | off |
 | SHARDWISE_MATVEC_REDUCTION | compiled CPU decode computes one-row linears as fused reductions (matvec.py) | on |
+| SHARDWISE_ATTENTION_REDUCTION | compiled CPU decode: one-query attention as arithmetic (decode_attention.py) | on |
 | SHARDWISE_API_KEY | the key `shardwise serve` requires when `--api-key` is not given | none |
 """
 
@@ -90,6 +91,10 @@ def matvec_reduction() -> bool:
     return flag("SHARDWISE_MATVEC_REDUCTION", True)
 
 
+def attention_reduction() -> bool:
+    return flag("SHARDWISE_ATTENTION_REDUCTION", True)
+
+
 def api_key() -> str | None:
     """The API key for ``shardwise serve`` from the environment (it stays out of ``ps`` listings)."""
     return os.environ.get("SHARDWISE_API_KEY") or None
@@ -103,7 +108,7 @@ def cache_dir() -> Path:
 def check_all() -> None:
     """Read every setting once, so a bad value is refused before any rank starts."""
     debug(), shm_timeout(), shm_slot_bytes(1), fast_collectives(), map_weights(), hugepages(), check_devices()
-    matvec_reduction()
+    matvec_reduction(), attention_reduction()
 
 
 def usable_cores() -> int:
