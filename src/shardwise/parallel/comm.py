@@ -102,6 +102,18 @@ class Collectives:
         else:
             dist.all_reduce(x, group=self.group)
 
+    def _all_reduced(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of ``x`` over ranks as a new tensor, ``x`` untouched (the compiled graphs' op).
+
+        The shared-memory path writes the sum straight into the new tensor; a clone first, then an
+        in-place sum, copied ``x`` once more in each of a decode step's all-reduces (two a layer).
+        """
+        if self.shm is not None and x.device.type == "cpu" and x.dtype in shm.REDUCIBLE:
+            return self.shm.all_reduce(x, out=torch.empty(x.shape, dtype=x.dtype))
+        y = x.clone()
+        dist.all_reduce(y, group=self.group)
+        return y
+
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim``, in rank order."""
         if self.world_size == 1:
@@ -262,9 +274,7 @@ def _handle(comm: Collectives) -> int:
 
 @torch.library.custom_op("shardwise::all_reduce", mutates_args=())
 def _all_reduce_op(x: torch.Tensor, handle: int) -> torch.Tensor:
-    y = x.clone()
-    _BY_HANDLE[handle]._all_reduce(y)
-    return y
+    return _BY_HANDLE[handle]._all_reduced(x)
 
 
 @_all_reduce_op.register_fake

@@ -250,14 +250,17 @@ class ShmCollectives:
 
     # -- collectives ----------------------------------------------------------------------------
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over ranks in place, adding contributions in rank order 0..N-1 on every rank."""
+    def all_reduce(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum ``x`` over ranks, adding contributions in rank order 0..N-1 on every rank, into ``out``
+        (a contiguous tensor of ``x``'s shape and dtype) or, without one, in place."""
         if x.dtype not in REDUCIBLE:
             raise ShardwiseError(f"shared-memory all_reduce does not support {x.dtype}")
         if self.world == 1:
-            return x
+            return x if out is None else out.copy_(x)
         work = x if x.is_contiguous() else x.contiguous()
         flat = work.view(-1)
+        # A compiled step's op needs a new tensor: the sum is written there directly, not into a clone of x.
+        dest = flat if out is None else out.view(-1)
         total = flat.numel()
         step = self.slot_bytes // x.dtype.itemsize
         for start in range(0, total, step):
@@ -266,9 +269,12 @@ class ShmCollectives:
             views = self._view(gen & 1, x.dtype, part.numel())
             views[self.rank].copy_(part)
             self._publish_and_wait(gen, "all_reduce")
-            torch.add(views[0], views[1], out=part)
+            target = dest[start:start + step] if total > step else dest
+            torch.add(views[0], views[1], out=target)
             for v in views[2:]:
-                part.add_(v)
+                target.add_(v)
+        if out is not None:
+            return out
         if work is not x:
             x.copy_(work)
         return x
