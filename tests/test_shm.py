@@ -142,17 +142,19 @@ def _body_equivalence(rank: int, world: int, calls: int) -> dict:
             dist.all_reduce(theirs)
             assert _same(got, theirs), f"random call {i}: {dtype} differs from gloo"
         identical += 1
-    return {"checked": checked, "identical": identical}
+    return {"checked": checked, "identical": identical, "native": comm.shm._native is not None}
 
 
-@pytest.mark.parametrize("world,calls", [(2, 2000), (3, 1200), (4, 1000)])
-def test_fast_path_equals_gloo(tmp_path, world, calls):
+@pytest.mark.parametrize("world,calls,native", [(2, 2000, "1"), (3, 1200, "1"), (4, 1000, "1"), (2, 1000, "0")])
+def test_fast_path_equals_gloo(tmp_path, monkeypatch, world, calls, native):
+    # native: each call's work in C (parallel/shm_native.py), float32 and bfloat16; "0": all of it in Python
+    monkeypatch.setenv("SHARDWISE_NATIVE_COLLECTIVES", native)
     start = time.monotonic()
     results = _spawn(_body_equivalence, world, tmp_path, (calls,))
     for r, res in enumerate(results):
         assert res is not None, f"rank {r} wrote no result"
         assert res["ok"], f"rank {r}: {res.get('trace')}"
-        assert res["result"] == {"checked": calls, "identical": calls // 2}
+        assert res["result"] == {"checked": calls, "identical": calls // 2, "native": native == "1"}
     assert time.monotonic() - start < 240
 
 

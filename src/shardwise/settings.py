@@ -9,6 +9,7 @@ never a silent default.
 | SHARDWISE_DEBUG | tracebacks instead of one-line errors (also ``--debug``) | off |
 | SHARDWISE_TIMEOUT | seconds a collective may wait for a peer | 600 |
 | SHARDWISE_SHM_TIMEOUT | the same, for the shared-memory collectives | SHARDWISE_TIMEOUT |
+| SHARDWISE_NATIVE_COLLECTIVES | the shared-memory collectives' per-call work in C (parallel/shm_native.py) | on |
 | SHARDWISE_SHM_SLOT_BYTES | bytes per rank in a shared-memory exchange | 1 MiB |
 | SHARDWISE_FAST_COLLECTIVES | shared-memory collectives between local ranks (x86-64) | on |
 | SHARDWISE_MAP_WEIGHTS | map whole-row slices of the checkpoint instead of copying them | on |
@@ -91,6 +92,10 @@ def matvec_reduction() -> bool:
     return flag("SHARDWISE_MATVEC_REDUCTION", True)
 
 
+def native_collectives() -> bool:
+    return flag("SHARDWISE_NATIVE_COLLECTIVES", True)
+
+
 def attention_reduction() -> bool:
     return flag("SHARDWISE_ATTENTION_REDUCTION", True)
 
@@ -108,7 +113,7 @@ def cache_dir() -> Path:
 def check_all() -> None:
     """Read every setting once, so a bad value is refused before any rank starts."""
     debug(), shm_timeout(), shm_slot_bytes(1), fast_collectives(), map_weights(), hugepages(), check_devices()
-    matvec_reduction(), attention_reduction()
+    matvec_reduction(), attention_reduction(), native_collectives()
 
 
 def usable_cores() -> int:

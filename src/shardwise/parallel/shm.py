@@ -2,8 +2,10 @@
 
 Decode runs two all-reduces of one hidden vector per layer per token. Over gloo each costs
 milliseconds between two local processes (bench/decode.py measures both paths); here it is a copy
-into a shared file, a flag store, a wait on the peers' flags and a fixed-order sum, all driven
-directly from Python (a ProcessGroup wrapper would add its dispatch cost to every call).
+into a shared file, a flag store, a wait on the peers' flags and a fixed-order sum, driven directly
+from Python (a ProcessGroup wrapper would add its dispatch cost to every call). An all-reduce's copy,
+flag store, spin and sum run in C where ``shm_native.py`` could build its library (float32 and
+bfloat16): the same steps and results without the interpreter's per-call cost.
 
 Segment layout (one plain file in /dev/shm, mmap'd by every rank; rank 0 creates it, shares its name
 through the torch.distributed group and unlinks it as soon as every rank has attached, so nothing is
@@ -40,6 +42,7 @@ x86-64 (elsewhere it can be forced on with ``fast=True`` at your own risk).
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import platform
@@ -52,11 +55,13 @@ import torch.distributed as dist
 
 from .. import settings
 from ..errors import ShardwiseError
+from . import shm_native
 
 MAGIC = 0x5348_4D57_4953_4531  # "SHMWISE1"
 LINE = 64
 DEFAULT_SLOT_BYTES = 4 << 20
 SPINS = 200  # plain spins before yielding: a peer on its own core usually arrives within them
+NATIVE_SPINS = 500  # the same in C (shm_native.c), with x86's pause between checks: about as long
 YIELD_SECONDS = 0.002  # then sched_yield for this long, then sleep 20 us .. 1 ms
 LIVENESS_SECONDS = 0.1
 REDUCIBLE = {torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.int16,
@@ -136,6 +141,16 @@ class ShmCollectives:
         self._views: dict[tuple, list[torch.Tensor]] = {}
         self._own_flag = self._flag_idx[self.rank]
         self._peers = [p for p in range(self.world) if p != self.rank]
+        self._native = shm_native.load()  # None: every call stays in Python, with the same results
+        if self._native is not None:  # addresses the C calls take, computed once
+            base = raw.data_ptr()
+            self._base = base
+            self._slot_ptrs = [[base + self._data_off + (b * self.world + p) * self.slot_bytes
+                                for p in range(self.world)] for b in range(2)]
+            self._slot_arrays = [(ctypes.c_void_p * self.world)(*ptrs) for ptrs in self._slot_ptrs]
+            self._peer_idx = (ctypes.c_int64 * len(self._peers))(*[self._flag_idx[p] for p in self._peers])
+            self._spun = ctypes.c_int64(0)
+            self._sums = {torch.float32: self._native.sw_sum_f32, torch.bfloat16: self._native.sw_sum_bf16}
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -244,6 +259,20 @@ class ShmCollectives:
                         f"(rank {self.rank} gave up waiting)"
                     )
 
+    def _arrive_native(self, part: torch.Tensor, gen: int, what: str) -> None:
+        """``_publish_and_wait`` with the copy of ``part`` into this rank's slot first, in C."""
+        start = time.perf_counter()
+        missing = self._native.sw_arrive(part.data_ptr(), self._slot_ptrs[gen & 1][self.rank],
+                                         part.numel() * part.element_size(), self._base, self._own_flag,
+                                         self._peer_idx, len(self._peers), gen, NATIVE_SPINS, self._spun)
+        if self._spun.value:
+            if missing:  # yield, sleep and check the peers' liveness, as the Python path does
+                for p in self._peers:
+                    idx = self._flag_idx[p]
+                    if self._words[idx] < gen:
+                        self._wait_slow(p, idx, gen, what)
+            self.waited += time.perf_counter() - start
+
     def _next(self) -> int:
         self._gen += 1
         return self._gen
@@ -263,13 +292,18 @@ class ShmCollectives:
         dest = flat if out is None else out.view(-1)
         total = flat.numel()
         step = self.slot_bytes // x.dtype.itemsize
+        native_sum = self._sums.get(x.dtype) if self._native is not None else None
         for start in range(0, total, step):
             part = flat[start:start + step] if total > step else flat
             gen = self._next()
+            target = dest[start:start + step] if total > step else dest
+            if native_sum is not None:
+                self._arrive_native(part, gen, "all_reduce")
+                native_sum(target.data_ptr(), self._slot_arrays[gen & 1], self.world, part.numel())
+                continue
             views = self._view(gen & 1, x.dtype, part.numel())
             views[self.rank].copy_(part)
             self._publish_and_wait(gen, "all_reduce")
-            target = dest[start:start + step] if total > step else dest
             torch.add(views[0], views[1], out=target)
             for v in views[2:]:
                 target.add_(v)
